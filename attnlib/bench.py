@@ -1,0 +1,158 @@
+"""Benchmark every block: ``python -m attnlib.bench``.
+
+For each block and each size it prints the forward time of the reference and the fused
+path (``torch.utils.benchmark``, median of blocked runs, ``torch.no_grad``), the analytic
+FLOPs (:mod:`attnlib.complexity`), the attention memory the path stores (analytic), and
+on CUDA the measured peak memory (``torch.cuda.max_memory_allocated`` above the inputs)
+and the bf16-autocast time as well.  On a CPU, PyTorch exposes no peak-memory counter,
+so the measured column reads ``n/a`` there.
+
+Timings on shared machines are noisy: compare ratios taken within one run.
+
+Examples::
+
+    python -m attnlib.bench                               # 1×512×97×97 and 1×512×64×64
+    python -m attnlib.bench --sizes 1x512x45x60 --blocks nonlocal cca
+    python -m attnlib.bench --json bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+from . import complexity
+from .ann import AFNB, APNB
+from .ccnet import CrissCrossAttention, RecurrentCrissCross
+from .danet import ChannelAttention, PositionAttention
+from .gcnet import ContextBlock, SimplifiedNonLocal2d
+from .isanet import InterlacedSparseAttention
+from .nonlocal_block import NonLocal2d
+
+# Each block at a channel count c, with the settings its paper (or mmsegmentation) uses.
+BLOCKS: dict[str, Callable[[int], nn.Module]] = {
+    "nonlocal": lambda c: NonLocal2d(c, c // 2),
+    "gc": lambda c: ContextBlock(c, ratio=1 / 4),
+    "simplified-nl": lambda c: SimplifiedNonLocal2d(c),
+    "pam": lambda c: PositionAttention(c, reduction=8),
+    "cam": lambda c: ChannelAttention(),
+    "cca": lambda c: CrissCrossAttention(c, reduction=8),
+    "rcca": lambda c: RecurrentCrissCross(c, reduction=8, recurrence=2),
+    "apnb": lambda c: APNB(c, c, c // 2, c // 2),
+    "afnb": lambda c: AFNB(c // 2, c, c, c // 2, c // 2),
+    "isa": lambda c: InterlacedSparseAttention(c, c // 2, c // 2, c, down_factor=(8, 8)),
+}
+DEFAULT_SIZES = ("1x512x97x97", "1x512x64x64")
+
+
+@dataclass
+class Row:
+    block: str
+    size: str
+    path: str
+    dtype: str
+    ms: float
+    gflops: float
+    attention_mb: float
+    peak_mb: float | None
+
+
+def parse_size(text: str) -> tuple[int, int, int, int]:
+    """``"1x512x97x97"`` → ``(1, 512, 97, 97)``."""
+    parts = text.lower().split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected a size BxCxHxW of positive ints, e.g. 1x512x97x97, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def block_inputs(name: str, size: tuple[int, int, int, int], device: torch.device) -> tuple[torch.Tensor, ...]:
+    b, c, h, w = size
+    high = torch.randn(b, c, h, w, device=device)
+    return (torch.randn(b, c // 2, h, w, device=device), high) if name == "afnb" else (high,)
+
+
+def set_path(block: nn.Module, fused: bool) -> None:
+    for m in block.modules():
+        if hasattr(m, "fused"):
+            m.fused = fused
+
+
+def measure(name: str, size, device: torch.device, fused: bool, dtype: torch.dtype, min_run_time: float) -> Row:
+    b, c, h, w = size
+    block = BLOCKS[name](c).to(device).eval()
+    set_path(block, fused)
+    inputs = block_inputs(name, size, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def forward():
+        with torch.no_grad(), autocast:
+            return block(*inputs)
+
+    peak = None
+    if device.type == "cuda":
+        forward()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        forward()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    timer = benchmark.Timer(stmt="forward()", globals={"forward": forward}, label=name,
+                            num_threads=torch.get_num_threads())
+    ms = timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    element = torch.finfo(dtype).bits // 8
+    return Row(name, "x".join(map(str, size)), "fused" if fused else "reference", str(dtype).removeprefix("torch."),
+               ms, sum(complexity.flops(block, b, h, w).values()) / 1e9,
+               complexity.attention_memory(block, b, h, w, bytes_per_element=element) / 2**20, peak)
+
+
+def format_table(rows: list[Row]) -> str:
+    head = f"{'block':<14}{'size':<14}{'path':<10}{'dtype':<9}{'ms':>10}{'speed-up':>9}{'GFLOPs':>9}{'attn MB':>10}{'peak MB':>9}"
+    lines, reference = [head, "-" * len(head)], {}
+    for r in rows:
+        key = (r.block, r.size, r.dtype)
+        if r.path == "reference":
+            reference[key] = r.ms
+        speedup = f"{reference[key] / r.ms:.2f}x" if r.path == "fused" and key in reference else ""
+        peak = "n/a" if r.peak_mb is None else f"{r.peak_mb:.1f}"
+        lines.append(f"{r.block:<14}{r.size:<14}{r.path:<10}{r.dtype:<9}{r.ms:>10.2f}{speedup:>9}"
+                     f"{r.gflops:>9.2f}{r.attention_mb:>10.1f}{peak:>9}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(prog="python -m attnlib.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[parse_size(s) for s in DEFAULT_SIZES],
+                        metavar="BxCxHxW", help="input sizes (default: %(default)s)")
+    parser.add_argument("--blocks", nargs="+", choices=sorted(BLOCKS), default=list(BLOCKS), metavar="NAME",
+                        help=f"blocks to run, from {', '.join(BLOCKS)} (default: all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"attnlib.bench on {name}, torch {torch.__version__}; forward pass, no_grad, median time", flush=True)
+    rows = []
+    for size in args.sizes:
+        for block in args.blocks:
+            for dtype in dtypes:
+                for fused in (False, True):
+                    rows.append(measure(block, size, device, fused, dtype, args.min_run_time))
+                    print(format_table(rows).splitlines()[-1], file=sys.stderr, flush=True)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+r"""The one attention core that every block of the book is built on.
+
+Every block in this package, whatever its paper calls it, ends in the same three
+steps (Vaswani et al., 2017, eq. 1):
+
+.. math::
+
+    S = s\,Q K^\top \;(+\,\text{mask}), \qquad
+    A = \operatorname{softmax}_{\text{rows}}(S), \qquad
+    Y = A V ,
+
+with queries :math:`Q \in \mathbb{R}^{N_q\times d_k}`, keys
+:math:`K \in \mathbb{R}^{N_k\times d_k}`, values :math:`V \in \mathbb{R}^{N_k\times d_v}`
+and a scale :math:`s`.  The blocks differ only in *which* positions become queries,
+keys and values (all pixels, pooled bins, a row and a column, an interlaced group),
+not in this core, so it is written once, here.
+
+Two paths compute it:
+
+* the **reference path** writes the three steps out literally, materialises the
+  :math:`N_q\times N_k` matrix :math:`A` and can return it (the chapters plot it);
+* the **fused path** calls :func:`torch.nn.functional.scaled_dot_product_attention`,
+  which on recent PyTorch never stores :math:`A` (flash / memory-efficient kernels).
+
+``attend`` takes the fused path unless the weights are asked for or ``fused=False``.
+The test-suite holds the two equal (float32, ``atol=1e-5``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["attend"]
+
+
+def _check_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Refuse operands that would only work by broadcasting: the blocks never rely on it."""
+    if not (query.dim() == key.dim() == value.dim() and query.dim() >= 2):
+        raise ValueError(
+            "attend: expected query, key and value with the same number of dimensions (>= 2), got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if query.shape[:-2] != key.shape[:-2] or key.shape[:-2] != value.shape[:-2]:
+        raise ValueError(
+            "attend: expected equal leading (batch) dimensions, got "
+            f"{tuple(query.shape[:-2])}, {tuple(key.shape[:-2])}, {tuple(value.shape[:-2])}"
+        )
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"attend: expected query and key of equal width d_k, got {query.shape[-1]} and {key.shape[-1]}")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"attend: expected as many keys as values, got {key.shape[-2]} keys and {value.shape[-2]} values")
+    if mask is not None:
+        n_q, n_k = query.shape[-2], key.shape[-2]
+        if mask.dtype != torch.bool:
+            raise ValueError(f"attend: expected a boolean mask (True = may attend), got dtype {mask.dtype}")
+        if mask.shape not in ((n_q, n_k), query.shape[:-1] + (n_k,)):
+            raise ValueError(
+                f"attend: expected a mask of shape {(n_q, n_k)} or {tuple(query.shape[:-1]) + (n_k,)}, got {tuple(mask.shape)}"
+            )
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    need_weights: bool = False,
+    fused: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""Softmax attention :math:`Y = \operatorname{softmax}(s\,QK^\top + \text{mask})\,V`.
+
+    Args:
+        query: ``(..., N_q, d_k)``.
+        key: ``(..., N_k, d_k)``, the same leading dimensions as ``query``.
+        value: ``(..., N_k, d_v)``.
+        scale: the factor :math:`s` on the logits.  ``None`` means the transformer's
+            :math:`1/\sqrt{d_k}`; the non-local family uses ``1.0`` (no scaling).
+        mask: optional boolean ``(N_q, N_k)`` or ``(..., N_q, N_k)``; ``True`` where a
+            query may attend to a key.  Every query must keep at least one key.
+        need_weights: also return the attention matrix :math:`A` (forces the reference path).
+        fused: use ``scaled_dot_product_attention`` when the weights are not needed.
+
+    Returns:
+        ``(Y, A)``: ``Y`` is ``(..., N_q, d_v)``; ``A`` is ``(..., N_q, N_k)`` or ``None``.
+    """
+    _check_operands(query, key, value, mask)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    if fused and not need_weights:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale), None
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale  # S = s Q K^T
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)  # A = softmax(S), row-wise
+    out = torch.matmul(weights.to(value.dtype), value)  # Y = A V
+    return out, (weights if need_weights else None)

@@ -1,0 +1,216 @@
+r"""Non-local block — Wang, Girshick, Gupta and He, *Non-local Neural Networks*, CVPR 2018.
+
+The generic non-local operation (paper, eq. 1) computes at every position :math:`i`
+
+.. math::
+
+    y_i = \frac{1}{\mathcal{C}(x)} \sum_{\forall j} f(x_i, x_j)\, g(x_j),
+    \qquad g(x_j) = W_g x_j ,
+
+and the block wraps it in a residual (eq. 6):
+
+.. math::
+
+    z_i = W_z\, y_i + x_i .
+
+The paper gives four pairwise functions :math:`f` with their normalisers
+:math:`\mathcal{C}`, all implemented here (``mode``):
+
+======================  ==============================================  ==========================
+``mode``                :math:`f(x_i, x_j)`                             :math:`\mathcal{C}(x)`
+======================  ==============================================  ==========================
+``gaussian``            :math:`e^{x_i^\top x_j}`                        :math:`\sum_j f(x_i, x_j)`
+``embedded_gaussian``   :math:`e^{\theta(x_i)^\top \phi(x_j)}`          :math:`\sum_j f(x_i, x_j)`
+``dot_product``         :math:`\theta(x_i)^\top \phi(x_j)`              :math:`N`, the number of :math:`j`
+``concatenation``       :math:`\operatorname{ReLU}(w_f^\top[\theta(x_i), \phi(x_j)])`  :math:`N`
+======================  ==============================================  ==========================
+
+with :math:`\theta(x_i) = W_\theta x_i` and :math:`\phi(x_j) = W_\phi x_j` (1×1 convolutions).
+For the two Gaussian forms :math:`f/\mathcal{C}` is a softmax over :math:`j`: the block is
+softmax self-attention with :math:`Q=\theta(x)`, :math:`K=\phi(x)`, :math:`V=g(x)` and
+**no** :math:`1/\sqrt{d}` scaling (the paper has none; many libraries add it).
+
+Where each equation lives below:
+
+* :math:`\theta, \phi, g` and the optional 2×2 max-pool of :math:`\phi, g`
+  (the paper's "subsampling" trick, Sec. 3.3) — :meth:`NonLocal2d._embed`;
+* eq. (1) for the Gaussian forms — the call to :func:`attnlib.core.attend` in
+  :meth:`NonLocal2d._aggregate`; for ``dot_product`` the same sum, reassociated as
+  :math:`\theta\,(\phi^\top g)/N` on the fused path; for ``concatenation``
+  :math:`w_f^\top[\theta_i,\phi_j] = w_\theta^\top\theta_i + w_\phi^\top\phi_j`, so the
+  pairwise tensor is one broadcast add, never a concatenated :math:`N\times N\times 2d` tensor;
+* eq. (6), :math:`W_z` followed by BatchNorm whose scale starts at zero, so the block
+  starts as the identity (Sec. 4.1) — :meth:`NonLocal2d.forward`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import check_feature_map, check_positive, check_query
+from .core import attend
+
+__all__ = ["NonLocal2d", "nonlocal_flops", "nonlocal_attention_memory"]
+
+MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
+
+
+class NonLocal2d(nn.Module):
+    """The non-local block of Wang et al. (2018) for B×C×H×W feature maps.
+
+    Args:
+        in_channels: C.
+        inter_channels: width of :math:`\\theta, \\phi, g` (default ``C // 2``, at least 1).
+        mode: one of ``"embedded_gaussian"``, ``"gaussian"``, ``"dot_product"``, ``"concatenation"``.
+        sub_sample: max-pool :math:`\\phi` and :math:`g` by 2×2 (4× fewer keys).
+        bn: follow :math:`W_z` with a BatchNorm initialised to zero (else :math:`W_z` itself is zeroed).
+        fused: compute eq. (1) on the fast path when no weights are asked for.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        inter_channels: int | None = None,
+        mode: str = "embedded_gaussian",
+        sub_sample: bool = False,
+        bn: bool = True,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        check_positive(in_channels, "in_channels")
+        inter_channels = max(in_channels // 2, 1) if inter_channels is None else check_positive(inter_channels, "inter_channels")
+        if mode not in MODES:
+            raise ValueError(f"expected mode to be one of {MODES}, got {mode!r}")
+        self.in_channels, self.inter_channels = in_channels, inter_channels
+        self.mode, self.sub_sample, self.fused = mode, sub_sample, fused
+
+        self.g = nn.Conv2d(in_channels, inter_channels, 1)
+        if mode != "gaussian":  # the plain Gaussian compares raw features x_i^T x_j
+            self.theta = nn.Conv2d(in_channels, inter_channels, 1)
+            self.phi = nn.Conv2d(in_channels, inter_channels, 1)
+        if mode == "concatenation":
+            self.concat_project = nn.Conv2d(2 * inter_channels, 1, 1, bias=False)  # w_f
+        self.pool = nn.MaxPool2d(2) if sub_sample else nn.Identity()
+        self.out_proj = nn.Conv2d(inter_channels, in_channels, 1)  # W_z
+        self.out_norm = nn.BatchNorm2d(in_channels) if bn else nn.Identity()
+        zeroed = self.out_norm if bn else self.out_proj
+        nn.init.zeros_(zeroed.weight)
+        nn.init.zeros_(zeroed.bias)
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """θ(x) as B×N×d, and φ(x), g(x) on the (optionally pooled) key grid as B×N_k×d."""
+        if self.mode == "gaussian":
+            theta, phi = x, x
+        else:
+            theta, phi = self.theta(x), self.phi(x)
+        phi, g = self.pool(phi), self.pool(self.g(x))
+        return (t.flatten(2).transpose(1, 2) for t in (theta, phi, g))
+
+    def _pairwise(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """f(x_i, x_j) / C(x) for the two modes normalised by N (B×N×N_k)."""
+        if self.mode == "dot_product":
+            return torch.matmul(theta, phi.transpose(1, 2)) / phi.shape[1]
+        w_theta, w_phi = self.concat_project.weight.flatten(1).t().split(self.inter_channels)  # d×1 each
+        # w_f^T [θ_i, φ_j] = w_θ^T θ_i + w_φ^T φ_j: a broadcast add, not an N×N_k×2d concatenation.
+        return F.relu(theta @ w_theta + (phi @ w_phi).transpose(1, 2)) / phi.shape[1]
+
+    def _aggregate(self, theta, phi, g, need_weights: bool):
+        """Eq. (1): y_i = Σ_j f(x_i, x_j) g(x_j) / C(x).  Returns (y as B×N×d, weights or None)."""
+        if self.mode in ("embedded_gaussian", "gaussian"):
+            return attend(theta, phi, g, scale=1.0, need_weights=need_weights, fused=self.fused)
+        if self.mode == "dot_product" and self.fused and not need_weights:
+            # θ (φ^T g) / N: the same sum, O(N d²) instead of O(N² d) — no N×N matrix.
+            return torch.matmul(theta, torch.matmul(phi.transpose(1, 2), g)) / phi.shape[1], None
+        weights = self._pairwise(theta, phi)
+        return torch.matmul(weights, g), (weights if need_weights else None)
+
+    def _forward(self, x: torch.Tensor, need_weights: bool):
+        b, _, h, w = check_feature_map(x, self.in_channels, type(self).__name__)
+        if self.sub_sample and (h < 2 or w < 2):
+            raise ValueError(f"NonLocal2d: sub_sample pools by 2x2, so expected H, W >= 2, got {h}x{w}")
+        y, weights = self._aggregate(*self._embed(x), need_weights)
+        y = y.transpose(1, 2).reshape(b, self.inter_channels, h, w)
+        return self.out_norm(self.out_proj(y)) + x, weights  # z = W_z y + x  (eq. 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, need_weights=False)[0]
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The matrix f(x_i, x_j)/C(x), B×N×N_k, N = HW; N_k = HW, or the pooled grid if ``sub_sample``."""
+        return self._forward(x, need_weights=True)[1]
+
+    def attention_map(self, x: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
+        r"""Row ``query`` of :meth:`attention_weights` laid out on the H×W input grid (B×H×W).
+
+        Without sub-sampling this is exactly :math:`f(x_i, x_j)/\mathcal{C}(x)` over all j.  With
+        sub-sampling the keys are 2×2 max-pooled cells; each cell's weight is shared equally by
+        its four pixels (a display convention: the max picks one pixel per channel), and the last
+        row/column of an odd-sized map, which the pool drops, gets zero.  For the Gaussian modes
+        the map sums to 1; for ``dot_product``/``concatenation`` it sums to whatever Σ_j f/N is.
+        """
+        b, _, h, w = check_feature_map(x, self.in_channels, type(self).__name__)
+        i, j = check_query(query, h, w)
+        row = self.attention_weights(x)[:, i * w + j]
+        if not self.sub_sample:
+            return row.reshape(b, h, w)
+        cells = row.reshape(b, 1, h // 2, w // 2)
+        spread = F.interpolate(cells, scale_factor=2, mode="nearest") / 4
+        return F.pad(spread, (0, w % 2, 0, h % 2)).reshape(b, h, w)
+
+    def flops(self, batch: int, height: int, width: int) -> dict[str, int]:
+        """Analytic FLOPs of :meth:`forward` at this size; see :func:`nonlocal_flops`."""
+        return nonlocal_flops(batch, self.in_channels, height, width, inter_channels=self.inter_channels,
+                              mode=self.mode, sub_sample=self.sub_sample, fused=self.fused)
+
+    def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
+        """Bytes of attention matrix :meth:`forward` stores; see :func:`nonlocal_attention_memory`."""
+        return nonlocal_attention_memory(batch, self.in_channels, height, width, inter_channels=self.inter_channels,
+                                         mode=self.mode, sub_sample=self.sub_sample, fused=self.fused,
+                                         bytes_per_element=bytes_per_element)
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, inter_channels={self.inter_channels}, mode={self.mode!r}, "
+                f"sub_sample={self.sub_sample}, fused={self.fused}")
+
+
+def _num_keys(height: int, width: int, sub_sample: bool) -> int:
+    return (height // 2) * (width // 2) if sub_sample else height * width
+
+
+def nonlocal_flops(batch: int, channels: int, height: int, width: int, *, inter_channels: int | None = None,
+                   mode: str = "embedded_gaussian", sub_sample: bool = False, fused: bool = False) -> dict[str, int]:
+    r"""FLOPs of one :class:`NonLocal2d` forward pass, 2 per multiply-add, as ``FlopCounterMode`` counts them.
+
+    Returns ``{"conv": ..., "matmul": ...}``: the 1×1 convolutions
+    (:math:`\theta, \phi, g`: :math:`2BNCd` each; :math:`W_z`: :math:`2BNdC`) and the
+    attention products.  With :math:`N = HW`, :math:`N_k` keys and :math:`d` the inter width,
+    the softmax forms cost :math:`2BNN_k d_k + 2BNN_k d` — the :math:`O(N^2C)` term that dominates
+    at segmentation resolutions.  The fused ``dot_product`` path reassociates to
+    :math:`2BN_k d^2 + 2BNd^2`.  Element-wise work (softmax, BN, the residual) is not counted.
+    """
+    d = max(channels // 2, 1) if inter_channels is None else inter_channels
+    n, n_k = height * width, _num_keys(height, width, sub_sample)
+    embeddings = 1 if mode == "gaussian" else 3  # g, plus θ and φ unless raw features are compared
+    conv = 2 * batch * n * channels * d * embeddings + 2 * batch * n * d * channels
+    d_k = channels if mode == "gaussian" else d
+    if mode == "dot_product" and fused:
+        matmul = 2 * batch * n_k * d * d + 2 * batch * n * d * d
+    elif mode == "concatenation":
+        matmul = 2 * batch * (n + n_k) * d + 2 * batch * n * n_k * d
+    else:
+        matmul = 2 * batch * n * n_k * d_k + 2 * batch * n * n_k * d
+    return {"conv": conv, "matmul": matmul}
+
+
+def nonlocal_attention_memory(batch: int, channels: int, height: int, width: int, *, inter_channels: int | None = None,
+                              mode: str = "embedded_gaussian", sub_sample: bool = False, fused: bool = False,
+                              bytes_per_element: int = 4) -> int:
+    """Bytes of the B×N×N_k attention matrix the reference path materialises — :math:`O(N^2)`.
+
+    The fused paths store none (``scaled_dot_product_attention``'s flash kernel tiles it, the
+    reassociated dot product never forms it): 0.  ``concatenation`` always forms it.
+    """
+    if fused and mode != "concatenation":
+        return 0
+    return batch * height * width * _num_keys(height, width, sub_sample) * bytes_per_element

@@ -1,0 +1,40 @@
+"""Helpers shared by the block tests: FLOP counting, the fused switch, devices."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none is present on this machine")
+
+
+def measured_flops(module: nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
+    """FLOPs of one forward pass as ``FlopCounterMode`` counts them, split into conv and matmul."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*inputs)
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    conv = counts.pop("aten.convolution", 0)
+    return {"conv": conv, "matmul": sum(counts.values())}
+
+
+def set_fused(module: nn.Module, fused: bool) -> nn.Module:
+    """Switch every block inside ``module`` between its fused and reference paths."""
+    for m in module.modules():
+        if hasattr(m, "fused"):
+            m.fused = fused
+    return module
+
+
+def randomize_(module: nn.Module, seed: int = 0, std: float = 0.5) -> nn.Module:
+    """Give every parameter and BN statistic random values, so zero-initialised outputs do not hide bugs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return module

@@ -1,0 +1,101 @@
+"""The attention core: both paths agree, masks mean what they say, bad operands are refused."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attnlib.core import attend
+
+
+def operands(*batch, n_q=7, n_k=9, d_k=5, d_v=3, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*batch, n_q, d_k, generator=g, dtype=dtype),
+            torch.randn(*batch, n_k, d_k, generator=g, dtype=dtype),
+            torch.randn(*batch, n_k, d_v, generator=g, dtype=dtype))
+
+
+def loop_attention(q, k, v, scale, mask=None):
+    """softmax(s q_i·k_j) v_j, one query at a time, in float64."""
+    out = torch.zeros(q.shape[0], v.shape[1], dtype=torch.float64)
+    for i in range(q.shape[0]):
+        logits = torch.tensor([scale * float(q[i] @ k[j]) for j in range(k.shape[0])], dtype=torch.float64)
+        if mask is not None:
+            logits[~mask[i]] = -math.inf
+        w = torch.exp(logits - logits.max())
+        w = w / w.sum()
+        out[i] = (w[:, None] * v.double()).sum(0)
+    return out
+
+
+@pytest.mark.parametrize("batch", [(), (2,), (2, 3)], ids=["unbatched", "B", "BxHeads"])
+@pytest.mark.parametrize("scale", [None, 1.0, 0.3])
+def test_fused_equals_reference(batch, scale):
+    q, k, v = operands(*batch)
+    reference, weights = attend(q, k, v, scale=scale, need_weights=True)
+    fused, none = attend(q, k, v, scale=scale)
+    assert none is None and weights.shape == (*batch, 7, 9)
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(*batch, 7))
+
+
+def test_reference_equals_loop_definition():
+    q, k, v = operands(dtype=torch.float64)
+    mask = torch.rand(7, 9, generator=torch.Generator().manual_seed(1)) > 0.4
+    mask[:, 0] = True  # every query keeps a key
+    for scale in (None, 1.0):
+        s = 1 / math.sqrt(5) if scale is None else scale
+        out, _ = attend(q, k, v, scale=scale, mask=mask, fused=False)
+        torch.testing.assert_close(out, loop_attention(q, k, v, s, mask))
+
+
+def test_mask_zeroes_weights_on_both_paths():
+    q, k, v = operands(2)
+    mask = torch.ones(7, 9, dtype=torch.bool)
+    mask[:, 4:] = False
+    out, weights = attend(q, k, v, mask=mask, need_weights=True)
+    assert (weights[..., 4:] == 0).all()
+    torch.testing.assert_close(attend(q, k, v, mask=mask)[0], out, rtol=0, atol=1e-5)
+    # masked keys cannot influence the output
+    v2 = v.clone()
+    v2[:, 4:] += 100
+    torch.testing.assert_close(attend(q, k, v2, mask=mask)[0], out, rtol=0, atol=1e-5)
+
+
+def test_gradients_agree():
+    q, k, v = (t.double().requires_grad_() for t in operands(2))
+    assert torch.autograd.gradcheck(lambda *t: attend(*t, fused=False)[0], (q, k, v))
+    assert torch.autograd.gradcheck(lambda *t: attend(*t)[0], (q, k, v))
+
+
+@pytest.mark.parametrize("shapes, pattern", [
+    (((2, 7, 5), (3, 9, 5), (3, 9, 3)), "leading"),
+    (((7, 5), (2, 9, 5), (2, 9, 3)), "same number of dimensions"),
+    (((2, 7, 5), (2, 9, 4), (2, 9, 3)), "d_k"),
+    (((2, 7, 5), (2, 9, 5), (2, 8, 3)), "as many keys as values"),
+    (((5,), (5,), (5,)), "same number of dimensions"),
+])
+def test_refuses_operands_that_would_broadcast(shapes, pattern):
+    q, k, v = (torch.randn(*s) for s in shapes)
+    with pytest.raises(ValueError, match=pattern):
+        attend(q, k, v)
+
+
+@pytest.mark.parametrize("mask, pattern", [
+    (torch.ones(7, 9), "boolean"),
+    (torch.ones(9, 7, dtype=torch.bool), "shape"),
+    (torch.ones(1, 7, 9, dtype=torch.bool), "shape"),
+])
+def test_refuses_bad_masks(mask, pattern):
+    q, k, v = operands(2)
+    with pytest.raises(ValueError, match=pattern):
+        attend(q, k, v, mask=mask)
+
+
+def test_bf16_autocast():
+    q, k, v = operands(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for fused in (False, True):
+            out, _ = attend(q, k, v, fused=fused)
+            assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -1,0 +1,105 @@
+"""Non-local block: every pairwise function against eq. (1) written as loops."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnlib
+from attnlib.nonlocal_block import MODES, NonLocal2d
+from conftest import randomize_
+
+
+def conv1x1(x, conv):
+    return torch.einsum("oc,chw->ohw", conv.weight.flatten(1), x) + conv.bias[:, None, None]
+
+
+@torch.no_grad()
+def loop_nonlocal(block: NonLocal2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """z = BN(W_z y) + x with y_i = Σ_j f(x_i, x_j) g(x_j) / C(x), for one image, as loops."""
+    theta = x if block.mode == "gaussian" else conv1x1(x, block.theta)
+    phi = x if block.mode == "gaussian" else conv1x1(x, block.phi)
+    g = conv1x1(x, block.g)
+    if block.sub_sample:
+        phi, g = F.max_pool2d(phi, 2), F.max_pool2d(g, 2)
+    theta, phi, g = theta.flatten(1).T, phi.flatten(1).T, g.flatten(1).T  # N×d, N_k×d
+    n, n_k = theta.shape[0], phi.shape[0]
+    weights = torch.zeros(n, n_k, dtype=x.dtype)
+    for i in range(n):
+        for j in range(n_k):
+            if block.mode in ("gaussian", "embedded_gaussian"):
+                weights[i, j] = math.exp(float(theta[i] @ phi[j]))
+            elif block.mode == "dot_product":
+                weights[i, j] = float(theta[i] @ phi[j])
+            else:
+                w_f = block.concat_project.weight.flatten()
+                weights[i, j] = max(0.0, float(w_f @ torch.cat([theta[i], phi[j]])))
+        weights[i] /= weights[i].sum() if block.mode in ("gaussian", "embedded_gaussian") else n_k
+    y = (weights @ g).T.reshape(-1, *x.shape[1:])
+    bn = block.out_norm
+    z = conv1x1(y, block.out_proj)
+    z = (z - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+    z = z * bn.weight[:, None, None] + bn.bias[:, None, None]
+    return z + x, weights
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sub_sample", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_equals_loop_definition(mode, sub_sample, fused):
+    block = randomize_(NonLocal2d(6, 3, mode=mode, sub_sample=sub_sample, fused=fused), std=0.4).double().eval()
+    x = torch.randn(2, 6, 5, 4, dtype=torch.float64)
+    out = block(x)
+    weights = block.attention_weights(x)
+    for b in range(2):
+        expected, expected_weights = loop_nonlocal(block, x[b])
+        torch.testing.assert_close(out[b], expected)
+        torch.testing.assert_close(weights[b], expected_weights)
+
+
+def test_embedded_gaussian_is_unscaled_softmax_attention():
+    """The paper has no 1/sqrt(d): the block's weights are softmax(θᵀφ), not softmax(θᵀφ/√d)."""
+    block = randomize_(NonLocal2d(8, 4)).double().eval()
+    x = torch.randn(1, 8, 3, 5, dtype=torch.float64)
+    theta, phi = (m(x).flatten(2).transpose(1, 2) for m in (block.theta, block.phi))
+    torch.testing.assert_close(block.attention_weights(x), torch.softmax(theta @ phi.transpose(1, 2), -1))
+
+
+@pytest.mark.parametrize("sub_sample", [False, True])
+def test_attention_map_is_the_query_row(sub_sample):
+    block = randomize_(NonLocal2d(8, sub_sample=sub_sample)).double().eval()
+    x = torch.randn(2, 8, 7, 9, dtype=torch.float64)
+    weights = block.attention_weights(x)
+    for i, j in [(0, 0), (3, 4), (6, 8)]:
+        amap = attnlib.attention_map(block, x, (i, j))
+        row = weights[:, i * 9 + j]
+        if not sub_sample:
+            torch.testing.assert_close(amap, row.reshape(2, 7, 9))
+            continue
+        for p in range(7):
+            for q in range(9):
+                cell = (p // 2) * 4 + q // 2  # pooled grid is 3×4; row 6 and column 8 are dropped
+                expected = row[:, cell] / 4 if p < 6 and q < 8 else torch.zeros(2, dtype=x.dtype)
+                torch.testing.assert_close(amap[:, p, q], expected)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="mode"):
+        NonLocal2d(8, mode="cosine")
+    with pytest.raises(ValueError, match="in_channels"):
+        NonLocal2d(0)
+    with pytest.raises(ValueError, match="inter_channels"):
+        NonLocal2d(8, inter_channels=0)
+    with pytest.raises(ValueError, match="H, W >= 2"):
+        NonLocal2d(8, sub_sample=True)(torch.randn(1, 8, 1, 5))
+
+
+def test_flops_at_97x97_worked_example():
+    """The chapter's worked numbers: 1×512×97×97, d = 256 (CCNet's comparison setting)."""
+    n, c, d = 97 * 97, 512, 256
+    cost = NonLocal2d(c, d).flops(1, 97, 97)
+    assert cost == {"conv": 2 * n * c * d * 4, "matmul": 2 * n * n * d * 2}
+    assert round(sum(cost.values()) / 1e9, 1) == 100.5
+    assert NonLocal2d(c, d, fused=False).attention_memory(1, 97, 97) == n * n * 4  # 354 MB in float32
