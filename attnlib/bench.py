@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils import benchmark
 
 from . import complexity
+from .core import set_fused
 from .ann import AFNB, APNB
 from .ccnet import CrissCrossAttention, RecurrentCrissCross
 from .danet import ChannelAttention, PositionAttention
@@ -77,39 +78,49 @@ def block_inputs(name: str, size: tuple[int, int, int, int], device: torch.devic
     return (torch.randn(b, c // 2, h, w, device=device), high) if name == "afnb" else (high,)
 
 
-def set_path(block: nn.Module, fused: bool) -> None:
-    for m in block.modules():
-        if hasattr(m, "fused"):
-            m.fused = fused
+def _forward(block: nn.Module, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    autocast = torch.autocast(inputs[0].device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad(), autocast:
+            return block(*inputs)
+    return forward
+
+
+def time_forward(block: nn.Module, inputs: tuple[torch.Tensor, ...], *, dtype: torch.dtype = torch.float32,
+                 min_run_time: float = 1.0) -> float:
+    """Median seconds of one ``block(*inputs)`` under ``no_grad`` (``torch.utils.benchmark``)."""
+    timer = benchmark.Timer(stmt="forward()", globals={"forward": _forward(block, inputs, dtype)},
+                            num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def peak_memory(block: nn.Module, inputs: tuple[torch.Tensor, ...], *, dtype: torch.dtype = torch.float32) -> int | None:
+    """Bytes a CUDA forward pass allocates above what was allocated before it; ``None`` on a CPU."""
+    if inputs[0].device.type != "cuda":
+        return None
+    forward = _forward(block, inputs, dtype)
+    forward()  # warm-up: kernels and workspaces chosen
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    forward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def measure(name: str, size, device: torch.device, fused: bool, dtype: torch.dtype, min_run_time: float) -> Row:
     b, c, h, w = size
     block = BLOCKS[name](c).to(device).eval()
-    set_path(block, fused)
+    set_fused(block, fused)
     inputs = block_inputs(name, size, device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-    def forward():
-        with torch.no_grad(), autocast:
-            return block(*inputs)
-
-    peak = None
-    if device.type == "cuda":
-        forward()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        forward()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    timer = benchmark.Timer(stmt="forward()", globals={"forward": forward}, label=name,
-                            num_threads=torch.get_num_threads())
-    ms = timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    peak = peak_memory(block, inputs, dtype=dtype)
+    seconds = time_forward(block, inputs, dtype=dtype, min_run_time=min_run_time)
     element = torch.finfo(dtype).bits // 8
     return Row(name, "x".join(map(str, size)), "fused" if fused else "reference", str(dtype).removeprefix("torch."),
-               ms, sum(complexity.flops(block, b, h, w).values()) / 1e9,
-               complexity.attention_memory(block, b, h, w, bytes_per_element=element) / 2**20, peak)
+               seconds * 1e3, sum(complexity.flops(block, b, h, w).values()) / 1e9,
+               complexity.attention_memory(block, b, h, w, bytes_per_element=element) / 2**20,
+               None if peak is None else peak / 2**20)
 
 
 def format_table(rows: list[Row]) -> str:

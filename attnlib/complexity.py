@@ -14,11 +14,58 @@ The tests hold :func:`flops` equal to ``FlopCounterMode`` for every block, on bo
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
+from torch.utils import flop_counter
 
+from .ann import afnb_attention_memory, afnb_flops, apnb_attention_memory, apnb_flops
+from .ccnet import (criss_cross_attention_memory, criss_cross_flops, recurrent_criss_cross_attention_memory,
+                    recurrent_criss_cross_flops)
+from .danet import (channel_attention_attention_memory, channel_attention_flops, dual_attention_head_attention_memory,
+                    dual_attention_head_flops, position_attention_attention_memory, position_attention_flops)
+from .gcnet import (context_block_attention_memory, context_block_flops, simplified_nonlocal_attention_memory,
+                    simplified_nonlocal_flops)
+from .isanet import interlaced_sparse_attention_memory, interlaced_sparse_flops
 from .nonlocal_block import nonlocal_attention_memory, nonlocal_flops
 
-__all__ = ["flops", "attention_memory", "nonlocal_flops", "nonlocal_attention_memory"]
+__all__ = [
+    "flops", "attention_memory",
+    "nonlocal_flops", "nonlocal_attention_memory",
+    "context_block_flops", "context_block_attention_memory", "simplified_nonlocal_flops",
+    "simplified_nonlocal_attention_memory",
+    "position_attention_flops", "position_attention_attention_memory", "channel_attention_flops",
+    "channel_attention_attention_memory", "dual_attention_head_flops", "dual_attention_head_attention_memory",
+    "criss_cross_flops", "criss_cross_attention_memory", "recurrent_criss_cross_flops",
+    "recurrent_criss_cross_attention_memory",
+    "apnb_flops", "apnb_attention_memory", "afnb_flops", "afnb_attention_memory",
+    "interlaced_sparse_flops", "interlaced_sparse_attention_memory",
+]
+
+
+def _register_cpu_flash_attention() -> None:
+    """Teach ``FlopCounterMode`` the CPU flash-attention kernel, which it does not count (torch 2.14).
+
+    On a CPU, ``scaled_dot_product_attention`` runs ``aten._scaled_dot_product_flash_attention_for_cpu``;
+    ``FlopCounterMode`` has formulas for the CUDA kernels but none for this one, so it would count
+    the fused path as 0 FLOPs.  We register torch's own SDPA formulas for it (forward and backward),
+    unless a newer torch already has them.
+    """
+    ops = torch.ops.aten
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", flop_counter.sdpa_flop_count),
+                          ("_scaled_dot_product_flash_attention_for_cpu_backward", flop_counter.sdpa_backward_flop_count)):
+        op = getattr(ops, name, None)
+        if op is None or op in flop_counter.flop_registry:
+            continue
+        if name.endswith("backward"):
+            def count(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+                return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+        else:
+            def count(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+                return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+        flop_counter.register_flop_formula(op)(count)
+
+
+_register_cpu_flash_attention()
 
 
 def _method(block: nn.Module, name: str):

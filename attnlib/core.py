@@ -31,8 +31,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["attend"]
+__all__ = ["attend", "set_fused"]
 
 
 def _check_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -91,6 +92,9 @@ def attend(
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     if fused and not need_weights:
+        # Contiguous operands: on a CPU, SDPA takes its flash kernel only for those, and falls
+        # back to the math path (which stores A) for transposed views.
+        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale), None
     scores = torch.matmul(query, key.transpose(-2, -1)) * scale  # S = s Q K^T
     if mask is not None:
@@ -98,3 +102,11 @@ def attend(
     weights = scores.softmax(dim=-1)  # A = softmax(S), row-wise
     out = torch.matmul(weights.to(value.dtype), value)  # Y = A V
     return out, (weights if need_weights else None)
+
+
+def set_fused(module: nn.Module, fused: bool) -> nn.Module:
+    """Switch every attnlib block inside ``module`` to its fused (``True``) or reference path."""
+    for m in module.modules():
+        if hasattr(m, "fused"):
+            m.fused = fused
+    return module

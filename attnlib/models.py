@@ -26,8 +26,11 @@ stage has 512 channels where ResNet-50's has 2048: mmseg's ``channels=512`` beco
 ``isanet``     ISAHead: conv, interlaced sparse attention, concat the conv's output, 1×1 conv
 =============  =====================================================================================
 
-Simplifications, said once: no per-branch losses for DANet (mmseg adds two), ANN and
+Simplifications, said once: no per-branch losses for DANet (mmseg adds two), AFNB and
 APNB use a single query scale (mmseg's default), and every conv is conv-BN-ReLU.
+``model.head`` is the head; the attention block inside it is ``model.head.context``
+(nonlocal, gcnet, ccnet, ann's APNB), ``model.head.pam`` / ``.cam`` (danet),
+``model.head.isa`` (isanet) and ``model.head.fusion`` (ann's AFNB).
 The auxiliary head is mmseg's ``auxiliary_head`` scaled the same way: one 3×3 conv
 256→64 on layer3, dropout 0.1, 1×1 conv; the trainer weights its loss by 0.4.
 """
@@ -45,7 +48,7 @@ from . import train
 from ._checks import check_feature_map
 from .ann import AFNB, APNB
 from .ccnet import RecurrentCrissCross
-from .danet import ChannelAttention, PositionAttention
+from .danet import DualAttentionHead
 from .gcnet import ContextBlock
 from .isanet import InterlacedSparseAttention
 from .nonlocal_block import NonLocal2d
@@ -149,27 +152,9 @@ class ContextHead(nn.Module):
         self.conv_out = ConvBNReLU(channels, channels)
         self.conv_cat = ConvBNReLU(in_channels + channels, channels)
 
-    def forward(self, c3: torch.Tensor, c4: torch.Tensor) -> torch.Tensor:
-        y = self.conv_out(self.context(self.conv_in(c4)))
-        return self.conv_cat(torch.cat([c4, y], dim=1))
-
-
-class DAHead(nn.Module):
-    """DANet's head (mmseg ``DAHead``): a position branch and a channel branch, summed.
-
-    Each branch is conv 3×3 (in→C) → attention → conv 3×3 (C→C); the paper fuses the two
-    by element-wise sum.  mmseg's ``pam_channels=64`` on 512 is reduction 8 of the PAM.
-    """
-
-    def __init__(self, in_channels: int = LAYER4_CHANNELS, channels: int = CHANNELS, reduction: int = 8) -> None:
-        super().__init__()
-        self.pam_in, self.pam_out = ConvBNReLU(in_channels, channels), ConvBNReLU(channels, channels)
-        self.pam = PositionAttention(channels, reduction)
-        self.cam_in, self.cam_out = ConvBNReLU(in_channels, channels), ConvBNReLU(channels, channels)
-        self.cam = ChannelAttention()
-
-    def forward(self, c3: torch.Tensor, c4: torch.Tensor) -> torch.Tensor:
-        return self.pam_out(self.pam(self.pam_in(c4))) + self.cam_out(self.cam(self.cam_in(c4)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv_out(self.context(self.conv_in(x)))
+        return self.conv_cat(torch.cat([x, y], dim=1))
 
 
 class ANNHead(nn.Module):
@@ -178,7 +163,10 @@ class ANNHead(nn.Module):
     AFNB takes queries from layer4 and pooled keys/values from layer3 (1+9+36+64 = 110
     keys for pool sizes (1, 3, 6, 8)) and keeps layer4's 512 channels; dropout 0.1 and a
     3×3 conv bring it to C; APNB is the same pyramid attention within that map.
+    The only head that reads layer3 (``uses_layer3``).
     """
+
+    uses_layer3 = True
 
     def __init__(self, low_channels: int = LAYER3_CHANNELS, high_channels: int = LAYER4_CHANNELS,
                  channels: int = CHANNELS, project_channels: int = 64, pool_sizes: tuple[int, ...] = (1, 3, 6, 8)) -> None:
@@ -206,8 +194,8 @@ class ISAHead(nn.Module):
         self.isa = InterlacedSparseAttention(channels, isa_channels, channels, channels, down_factor=down_factor)
         self.conv_cat = ConvBNReLU(2 * channels, channels, kernel_size=1)
 
-    def forward(self, c3: torch.Tensor, c4: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(c4)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
         return self.conv_cat(torch.cat([self.isa(x), x], dim=1))
 
 
@@ -219,8 +207,8 @@ def _head(name: str) -> nn.Module:
         return ContextHead(NonLocal2d(CHANNELS, CHANNELS // 2, mode="embedded_gaussian"))
     if name == "gcnet":  # mmseg GCHead: ratio=1/4, attention pooling, channel-add fusion
         return ContextHead(ContextBlock(CHANNELS, ratio=1 / 4, pooling="att", fusions=("add",)))
-    if name == "danet":
-        return DAHead()
+    if name == "danet":  # mmseg DAHead: pam_channels=64 on 512, i.e. reduction 8
+        return DualAttentionHead(LAYER4_CHANNELS, CHANNELS, reduction=8)
     if name == "ccnet":  # mmseg CCHead: recurrence=2, weights shared between the two passes
         return ContextHead(RecurrentCrissCross(CHANNELS, reduction=8, recurrence=2))
     if name == "ann":
@@ -266,7 +254,8 @@ class Segmentor(nn.Module):
     def forward(self, x: torch.Tensor, return_aux: bool = False):
         _, _, h, w = check_feature_map(x, 3, "Segmentor")
         c3, c4 = self.backbone(x)
-        logits = F.interpolate(self.classifier(self.head(c3, c4)), size=(h, w), mode="bilinear", align_corners=False)
+        features = self.head(c3, c4) if getattr(self.head, "uses_layer3", False) else self.head(c4)
+        logits = F.interpolate(self.classifier(features), size=(h, w), mode="bilinear", align_corners=False)
         if not return_aux:
             return logits
         if self.aux_head is None:

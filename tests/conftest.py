@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from attnlib.core import set_fused  # noqa: F401  (re-exported for the tests)
+
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none is present on this machine")
 
@@ -17,14 +19,6 @@ def measured_flops(module: nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
     counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     conv = counts.pop("aten.convolution", 0)
     return {"conv": conv, "matmul": sum(counts.values())}
-
-
-def set_fused(module: nn.Module, fused: bool) -> nn.Module:
-    """Switch every block inside ``module`` between its fused and reference paths."""
-    for m in module.modules():
-        if hasattr(m, "fused"):
-            m.fused = fused
-    return module
 
 
 def randomize_(module: nn.Module, seed: int = 0, std: float = 0.5) -> nn.Module:

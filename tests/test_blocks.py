@@ -6,7 +6,7 @@ Paper-specific properties (brute-force definitions, masks, reachability) live in
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import pytest
@@ -33,8 +33,7 @@ class Case:
     identity_at_init: bool = False  # zero-initialised output: the block starts as x -> x
     map_is_distribution: bool | None = True  # None: no spatial map; False: a map that need not sum to 1
     low_channels: int | None = None  # AFNB reads a second, low-level feature map
-    min_size: int = 1  # smallest H and W the block accepts
-    extra: dict = field(default_factory=dict)
+    memory: str = "spatial"  # attention weights grow with H·W ("spatial"), are C×C ("channel"), or none ("none")
 
     def inputs(self, b: int, h: int, w: int, **kw) -> tuple[torch.Tensor, ...]:
         high = torch.randn(b, C, h, w, **kw)
@@ -47,13 +46,14 @@ CASES = [
     *[Case(f"nonlocal-{mode}", _make("nonlocal_block", "NonLocal2d", C, mode=mode), identity_at_init=True,
            map_is_distribution=mode in ("embedded_gaussian", "gaussian"))
       for mode in ("embedded_gaussian", "gaussian", "dot_product", "concatenation")],
-    Case("nonlocal-subsample", _make("nonlocal_block", "NonLocal2d", C, sub_sample=True), identity_at_init=True, min_size=2),
+    Case("nonlocal-subsample", _make("nonlocal_block", "NonLocal2d", C, sub_sample=True), identity_at_init=True),
     Case("nonlocal-nobn", _make("nonlocal_block", "NonLocal2d", C, bn=False), identity_at_init=True),
-    *[Case(f"gc-{pool}-{'+'.join(fus)}", _make("gcnet", "ContextBlock", C, pooling=pool, fusions=fus), identity_at_init=True)
+    *[Case(f"gc-{pool}-{'+'.join(fus)}", _make("gcnet", "ContextBlock", C, pooling=pool, fusions=fus), identity_at_init=True,
+           memory="spatial" if pool == "att" else "none")
       for pool in ("att", "avg") for fus in (("add",), ("mul",), ("add", "mul"))],
     Case("simplified-nonlocal", _make("gcnet", "SimplifiedNonLocal2d", C), identity_at_init=True),
     Case("pam", _make("danet", "PositionAttention", C), identity_at_init=True),
-    Case("cam", _make("danet", "ChannelAttention"), identity_at_init=True, map_is_distribution=None),
+    Case("cam", _make("danet", "ChannelAttention", C), identity_at_init=True, map_is_distribution=None, memory="channel"),
     Case("cca", _make("ccnet", "CrissCrossAttention", C), identity_at_init=True),
     Case("rcca", _make("ccnet", "RecurrentCrissCross", C, recurrence=2), identity_at_init=True),
     Case("apnb", _make("ann", "APNB", C, C, 8, 8, pool_sizes=(1, 2, 3))),
@@ -98,7 +98,9 @@ def test_gradcheck(case):
 @pytest.mark.parametrize("case", cases())
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
 def test_fused_equals_reference(case, shape):
-    block = randomize_(case.make().eval())
+    # std 0.3 keeps the recurrent blocks' second-loop energies moderate: float32 softmax of
+    # logits near 100 differs between paths by ~1e-5 through rounding alone
+    block = randomize_(case.make().eval(), std=0.3)
     inputs = case.inputs(*shape)
     with torch.no_grad():
         reference = set_fused(block, False)(*inputs)
@@ -144,9 +146,15 @@ def test_analytic_flops_equal_counted(case, fused, shape):
 def test_attention_memory_is_a_byte_count(case):
     block = set_fused(case.make().eval(), False)
     small, large = (attnlib.complexity.attention_memory(block, 1, s, s) for s in (8, 16))
-    assert isinstance(small, int) and 0 < small < large
+    assert isinstance(small, int) and isinstance(large, int)
     assert attnlib.complexity.attention_memory(block, 2, 8, 8) == 2 * small
     assert attnlib.complexity.attention_memory(block, 1, 8, 8, bytes_per_element=2) * 2 == small
+    if case.memory == "spatial":
+        assert 0 < small < large
+    elif case.memory == "channel":  # C×C weights per image, whatever the resolution
+        assert small == large == C * C * 4
+    else:
+        assert small == large == 0
 
 
 @pytest.mark.parametrize("case", cases())
@@ -170,8 +178,7 @@ def _bad_inputs(case: Case):
     yield "integer", replace_high(good[-1].long()), "floating"
     yield "empty H", replace_high(torch.randn(1, C, 0, 11)), "non-empty"
     yield "empty W", replace_high(torch.randn(1, C, 7, 0)), "non-empty"
-    if case.id != "cam":  # channel attention works with any C
-        yield "channels", replace_high(torch.randn(1, C + 1, 7, 11)), f"{C} input channels"
+    yield "channels", replace_high(torch.randn(1, C + 1, 7, 11)), f"{C} input channels"
     if case.low_channels is not None:
         yield "low channels", (torch.randn(1, case.low_channels + 1, 7, 11), good[1]), f"{case.low_channels} input channels"
         yield "low size", (torch.randn(1, case.low_channels, 6, 11), good[1]), "spatial size"

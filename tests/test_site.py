@@ -105,7 +105,7 @@ def _normalise(text: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(repr=False)
 class Site:
     returncode: int
     stdout: str
@@ -114,6 +114,9 @@ class Site:
 
     def page(self, doc: str) -> Path:
         return self.html / f"{doc}.html"
+
+    def __repr__(self) -> str:
+        return f"Site(returncode={self.returncode}, html={str(self.html)!r})"
 
 
 def _jupyter_book() -> list[str]:
@@ -179,7 +182,7 @@ def test_build_passes_with_warnings_as_errors(site: Site) -> None:
     assert site.returncode == 0, (
         f"`jupyter-book build . -W` failed with exit status {site.returncode}.\n"
         f"--- stderr (warnings and errors) ---\n{site.stderr[-20000:]}\n"
-        f"--- stdout (end) ---\n{site.stdout[-4000:]}"
+        f"--- stdout (end) ---\n{site.stdout[-2500:]}"
     )
 
 

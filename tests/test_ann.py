@@ -1,0 +1,259 @@
+"""ANN (APNB, AFNB): the pyramid sampling, the blocks and their maps against loop definitions."""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+import attnlib
+from attnlib.ann import AFNB, APNB, afnb_flops, apnb_attention_memory, apnb_flops, num_samples, pyramid_sample
+from attnlib.core import attend
+from conftest import measured_flops, randomize_
+
+
+def bin_edges(length: int, n: int) -> list[tuple[int, int]]:
+    """Adaptive pooling's bins along one side, written out: [floor(kL/n), ceil((k+1)L/n))."""
+    return [(k * length // n, -((-(k + 1) * length) // n)) for k in range(n)]
+
+
+def loop_pyramid(x: torch.Tensor, pool_sizes) -> torch.Tensor:
+    """P(x) for one C×H×W map: the mean of every bin, coarsest pyramid level first, row-major."""
+    _, h, w = x.shape
+    samples = []
+    for n in pool_sizes:
+        for top, bottom in bin_edges(h, n):
+            for left, right in bin_edges(w, n):
+                samples.append(x[:, top:bottom, left:right].mean(dim=(1, 2)))
+    return torch.stack(samples, dim=1)  # C×S
+
+
+def loop_map(row: torch.Tensor, h: int, w: int, pool_sizes) -> torch.Tensor:
+    """Pixel p's weight Σ_{bins b ∋ p} a_b / |b|, bin by bin."""
+    amap = torch.zeros(h, w, dtype=row.dtype)
+    s = 0
+    for n in pool_sizes:
+        for top, bottom in bin_edges(h, n):
+            for left, right in bin_edges(w, n):
+                amap[top:bottom, left:right] += row[s] / ((bottom - top) * (right - left))
+                s += 1
+    return amap
+
+
+def conv1x1(x, conv):
+    out = torch.einsum("oc,chw->ohw", conv.weight.flatten(1), x)
+    return out if conv.bias is None else out + conv.bias[:, None, None]
+
+
+def batch_norm(x, bn):
+    x = (x - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+    return x * bn.weight[:, None, None] + bn.bias[:, None, None]
+
+
+def conv_bn_relu(x, seq):
+    return torch.relu(batch_norm(conv1x1(x, seq[0]), seq[1]))
+
+
+@torch.no_grad()
+def loop_block(block, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image through the paper's equations as loops; APNB is the case low = high (and φ = θ)."""
+    phi = conv_bn_relu(high, block.f_key if block.f_query is None else block.f_query).flatten(1)  # d×N
+    theta_p = loop_pyramid(conv_bn_relu(low, block.f_key), block.pool_sizes)  # d×S
+    gamma_p = loop_pyramid(conv1x1(low, block.f_value), block.pool_sizes)  # d_v×S
+    n, s = phi.shape[1], theta_p.shape[1]
+    weights = torch.zeros(n, s, dtype=low.dtype)
+    for i in range(n):
+        for b in range(s):
+            weights[i, b] = math.exp(float(phi[:, i] @ theta_p[:, b]) / math.sqrt(block.key_channels))
+        weights[i] /= weights[i].sum()
+    o = (gamma_p @ weights.T).reshape(-1, *high.shape[1:])  # O_P^T as d_v×H×W
+    z = batch_norm(conv1x1(torch.cat([conv1x1(o, block.W), high]), block.fuse[0]), block.fuse[1])
+    return (torch.relu(z) if isinstance(block, APNB) else z), weights
+
+
+def make_apnb(pool_sizes=(1, 2, 3), c=5, out=5):
+    torch.manual_seed(0)
+    return randomize_(APNB(c, out, 4, 3, pool_sizes=pool_sizes), std=0.4).double().eval()
+
+
+def make_afnb(pool_sizes=(1, 2, 3)):
+    torch.manual_seed(0)
+    return randomize_(AFNB(4, 6, 5, 3, 3, pool_sizes=pool_sizes), std=0.4).double().eval()
+
+
+# --- pyramid sampling ------------------------------------------------------------------------
+
+
+def test_paper_pyramid_has_110_samples():
+    assert num_samples((1, 3, 6, 8)) == 1 + 9 + 36 + 64 == 110
+    assert pyramid_sample(torch.randn(2, 3, 16, 16)).shape == (2, 3, 110)
+    assert APNB(8, 8, 4, 4).attention_weights(torch.randn(1, 8, 12, 9)).shape == (1, 108, 110)
+
+
+@pytest.mark.parametrize("size", [(12, 12), (7, 11), (5, 3)], ids=["divisible", "overlapping", "smaller-than-8"])
+def test_pyramid_sample_is_the_mean_of_each_bin(size):
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    pool_sizes = (1, 3, 6, 8)
+    out = pyramid_sample(x, pool_sizes)
+    for b in range(2):
+        torch.testing.assert_close(out[b], loop_pyramid(x[b], pool_sizes))
+
+
+def test_bin_edges_overlap_when_not_divisible():
+    """The hand-written bins really do overlap on 7 with 3 bins: the map tests cover that case."""
+    assert bin_edges(7, 3) == [(0, 3), (2, 5), (4, 7)]
+
+
+@pytest.mark.parametrize("bad", [0, -1, (), (3, 0), 2.5, (2.5,), (True,), "13", None])
+def test_bad_pool_sizes_raise(bad):
+    pattern = "pool_sizes.*" + re.escape(repr(bad))
+    for build in (lambda: pyramid_sample(torch.randn(1, 2, 4, 4), bad), lambda: num_samples(bad),
+                  lambda: APNB(4, 4, 2, 2, pool_sizes=bad), lambda: AFNB(3, 4, 4, 2, 2, pool_sizes=bad)):
+        with pytest.raises(ValueError, match=pattern):
+            build()
+
+
+# --- the blocks against the equations --------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("pool_sizes", [(1, 2, 3), (1, 3, 6, 8)])
+def test_apnb_equals_loop_definition(fused, pool_sizes):
+    block = make_apnb(pool_sizes, out=7)  # out_channels != in_channels: the fusion conv takes out + in
+    block.fused = fused
+    x = torch.randn(2, 5, 5, 7, dtype=torch.float64)
+    out, weights = block(x), block.attention_weights(x)
+    assert out.shape == (2, 7, 5, 7)
+    for b in range(2):
+        expected, expected_weights = loop_block(block, x[b], x[b])
+        torch.testing.assert_close(out[b], expected)
+        torch.testing.assert_close(weights[b], expected_weights)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_afnb_equals_loop_definition(fused):
+    block = make_afnb()
+    block.fused = fused
+    low, high = torch.randn(2, 4, 5, 7, dtype=torch.float64), torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    out, weights = block(low, high), block.attention_weights(low, high)
+    assert out.shape == (2, 5, 5, 7)
+    for b in range(2):
+        expected, expected_weights = loop_block(block, low[b], high[b])
+        torch.testing.assert_close(out[b], expected)
+        torch.testing.assert_close(weights[b], expected_weights)
+
+
+def test_apnb_query_and_key_share_one_projection():
+    block = APNB(8, 8, 4, 4)
+    assert block.f_query is None
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in block.modules()) == 2  # f_key's and the fusion's
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_full_grid_apnb_is_nonlocal_with_shared_query_and_key(fused):
+    """Pool size = H = W samples every pixel once, in order: APNB is then dense non-local attention, θ = φ."""
+    block = make_apnb(pool_sizes=(5,))
+    block.fused = fused
+    x = torch.randn(2, 5, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        q = block.f_key(x).flatten(2).transpose(1, 2)  # θ = φ, B×N×d
+        v = block.f_value(x).flatten(2).transpose(1, 2)
+        dense, dense_weights = attend(q, q, v, scale=block.key_channels ** -0.5, need_weights=True)
+        context = block.W(dense.transpose(1, 2).reshape(2, -1, 5, 5))
+        expected = block.fuse(torch.cat([context, x], dim=1))
+        torch.testing.assert_close(block.attention_weights(x), dense_weights)
+        torch.testing.assert_close(block(x), expected)
+
+
+# --- AFNB's asymmetry: queries from high, keys and values from low ----------------------------
+
+
+def test_afnb_queries_come_from_high_keys_and_values_from_low():
+    block = make_afnb()
+    low = torch.randn(1, 4, 5, 7, dtype=torch.float64, requires_grad=True)
+    high = torch.randn(1, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    i, j = 2, 3
+    grad_low, grad_high = torch.autograd.grad(block(low, high)[0, :, i, j].sum(), (low, high))
+    # high enters through pixel (i, j)'s query and its fusion only; low through every pooled bin
+    # (the 1×1 level covers the whole map), so every low pixel moves this output.
+    untouched = torch.ones(5, 7, dtype=torch.bool)
+    untouched[i, j] = False
+    assert (grad_high[0][:, untouched] == 0).all() and (grad_high[0, :, i, j] != 0).any()
+    assert (grad_low[0].abs().sum(dim=0) > 0).all()
+
+    with torch.no_grad():
+        weights = block.attention_weights(low, high)
+        bumped = high.clone()
+        bumped[0, :, i, j] += 1.0
+        changed = (block.attention_weights(low, bumped) - weights).abs().amax(dim=-1)[0]
+        assert changed[i * 7 + j] > 0 and (changed.reshape(5, 7)[untouched] == 0).all()
+        # One low pixel moves the keys and values of its bins: every query's output changes (a query
+        # whose φ is all zero after the ReLU attends uniformly, so its weights alone may not).
+        bumped = low.clone()
+        bumped[0, :, 0, 0] += 1.0
+        assert (block.attention_weights(bumped, high) != weights).any()
+        moved = block._attend(bumped, high, need_weights=False)[0] - block._attend(low, high, need_weights=False)[0]
+        assert (moved.abs().amax(dim=-1) > 0).all()
+
+
+def test_afnb_rejects_mismatched_low_and_high():
+    block = AFNB(4, 6, 5, 3, 3)
+    high = torch.randn(2, 6, 5, 7)
+    for low in (torch.randn(2, 4, 5, 6), torch.randn(1, 4, 5, 7)):
+        with pytest.raises(ValueError, match="spatial size.*" + re.escape(f"{tuple(low.shape)} and high (2, 6, 5, 7)")):
+            block(low, high)
+    with pytest.raises(ValueError, match="AFNB \\(low\\): expected 4 input channels"):
+        block(torch.randn(2, 6, 5, 7), high)
+
+
+# --- the effective attention map -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pool_sizes", [(1, 2, 3), (1, 3, 6, 8)], ids=["overlapping", "paper"])
+def test_attention_map_equals_loop_over_bins(pool_sizes):
+    block = make_apnb(pool_sizes)
+    x = torch.randn(2, 5, 7, 11, dtype=torch.float64)
+    weights = block.attention_weights(x)
+    for i, j in [(0, 0), (3, 5), (6, 10)]:
+        amap = attnlib.attention_map(block, x, (i, j))
+        for b in range(2):
+            torch.testing.assert_close(amap[b], loop_map(weights[b, i * 11 + j], 7, 11, pool_sizes))
+        torch.testing.assert_close(amap.sum(dim=(1, 2)), torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["apnb", "afnb"])
+def test_attention_map_is_the_weight_of_each_pixels_value(kind):
+    """Σ_p map_p γ(x_p) is exactly the query's attention output O_P: the map is no display convention."""
+    block = make_apnb() if kind == "apnb" else make_afnb()
+    low = torch.randn(2, 5 if kind == "apnb" else 4, 7, 11, dtype=torch.float64)
+    inputs = (low,) if kind == "apnb" else (low, torch.randn(2, 6, 7, 11, dtype=torch.float64))
+    queries_from = inputs[-1]
+    with torch.no_grad():
+        out, _ = block._attend(low, queries_from, need_weights=False)
+        gamma = block.f_value(low)  # B×d_v×H×W, before sampling
+        for i, j in [(0, 0), (4, 6), (6, 10)]:
+            amap = attnlib.attention_map(block, inputs if kind == "afnb" else low, (i, j))
+            torch.testing.assert_close(torch.einsum("bhw,bdhw->bd", amap, gamma), out[:, i * 11 + j])
+
+
+# --- cost formulas ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_flops_with_paper_pyramid_equal_counted(fused):
+    apnb = APNB(12, 10, 6, 4, fused=fused).eval()
+    afnb = AFNB(8, 12, 10, 6, 4, fused=fused).eval()
+    low, high = torch.randn(2, 8, 9, 13), torch.randn(2, 12, 9, 13)
+    assert apnb.flops(2, 9, 13) == measured_flops(apnb, high)
+    assert afnb.flops(2, 9, 13) == measured_flops(afnb, low, high)
+    n = 9 * 13
+    assert apnb_flops(2, 12, 9, 13, out_channels=10, key_channels=6, value_channels=4)["matmul"] == 2 * 2 * n * 110 * 10
+    assert afnb_flops(2, 12, 9, 13, low_channels=8, out_channels=10, key_channels=6, value_channels=4)["conv"] == (
+        2 * 2 * n * (8 * 6 + 12 * 6 + 8 * 4 + 4 * 10 + 22 * 10))
+
+
+def test_attention_memory_is_n_by_s():
+    assert apnb_attention_memory(2, 16, 32, 64) == 2 * 32 * 64 * 110 * 4
+    assert apnb_attention_memory(2, 16, 32, 64, fused=True) == 0
+    assert APNB(16, 16, 8, 8, pool_sizes=(1, 2), fused=False).attention_memory(1, 8, 8, 2) == 64 * 5 * 2

@@ -1,0 +1,192 @@
+"""ISANet: interlaced sparse self-attention against its definition — two masked dense attentions,
+and the same written as loops — plus full reach, padding at every size, and down_factor checks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnlib
+from attnlib.core import attend
+from attnlib.isanet import InterlacedSparseAttention, interlaced_sparse_attention_memory, interlaced_sparse_flops
+from conftest import randomize_
+
+C, KEY, VALUE, OUT = 6, 4, 5, 7
+
+
+def random_isa(down_factor=(2, 3), seed=0) -> InterlacedSparseAttention:
+    block = InterlacedSparseAttention(C, KEY, VALUE, OUT, down_factor=down_factor)
+    return randomize_(block, seed=seed, std=0.4).double().eval()
+
+
+def padding(h, w, down_factor):
+    """(top, bottom, left, right) of the official code: pad to multiples, half (rounded down) before."""
+    dh, dw = down_factor
+    pad_h, pad_w = math.ceil(h / dh) * dh - h, math.ceil(w / dw) * dw - w
+    return pad_h // 2, pad_h - pad_h // 2, pad_w // 2, pad_w - pad_w // 2
+
+
+def groupings(h, w, down_factor):
+    """Padded size, the real-position mask and, for each stage, "u and v are in one group" (N_p×N_p)."""
+    (dh, dw), (top, bottom, left, right) = down_factor, padding(h, w, down_factor)
+    hp, wp = h + top + bottom, w + left + right
+    rows, cols = [p // wp for p in range(hp * wp)], [p % wp for p in range(hp * wp)]
+    real = torch.tensor([top <= r < top + h and left <= c < left + w for r, c in zip(rows, cols)])
+    same_offset = torch.tensor([[ru % dh == rv % dh and cu % dw == cv % dw for rv, cv in zip(rows, cols)]
+                                for ru, cu in zip(rows, cols)])
+    same_block = torch.tensor([[ru // dh == rv // dh and cu // dw == cv // dw for rv, cv in zip(rows, cols)]
+                               for ru, cu in zip(rows, cols)])
+    return (hp, wp), real, same_offset, same_block
+
+
+def key_mask(same_group, real):
+    """Padded keys out; a group with no real key keeps all of its keys."""
+    keys = same_group & real[None, :]
+    return torch.where(keys.any(dim=1, keepdim=True), keys, same_group)
+
+
+def stage_inputs(sa, x):
+    return [m(x).flatten(2).transpose(1, 2) for m in (sa.query, sa.key, sa.value)]  # B×N_p×·
+
+
+@torch.no_grad()
+def dense_isa(block, x):
+    """Long-range then short-range, each as ONE dense N_p×N_p attention masked to its groups."""
+    b, _, h, w = x.shape
+    (hp, wp), real, same_offset, same_block = groupings(h, w, block.down_factor)
+    top, bottom, left, right = padding(h, w, block.down_factor)
+    y = F.pad(x, (left, right, top, bottom))
+    for sa, same_group in ((block.long_range, same_offset), (block.short_range, same_block)):
+        context, _ = attend(*stage_inputs(sa, y), scale=KEY ** -0.5, mask=key_mask(same_group, real), fused=False)
+        y = sa.out(context.transpose(1, 2).reshape(b, -1, hp, wp))
+    return y[:, :, top:top + h, left:left + w]
+
+
+@torch.no_grad()
+def loop_attention(sa, x, same_group, real):
+    """One self-attention block on one image (C×H_p×W_p), query by query: ρ(Σ_v softmax(q_u·k_v/√d_k) g_v)."""
+    q, k, v = (t[0] for t in stage_inputs(sa, x[None]))
+    n = q.shape[0]
+    weights = torch.zeros(n, n, dtype=x.dtype)
+    context = torch.zeros_like(v)
+    for u in range(n):
+        keys = [j for j in range(n) if same_group[u, j] and real[j]] or [j for j in range(n) if same_group[u, j]]
+        a = torch.softmax(torch.stack([q[u] @ k[j] for j in keys]) / math.sqrt(KEY), dim=0)
+        for j, a_j in zip(keys, a):
+            weights[u, j] = a_j
+            context[u] += a_j * v[j]
+    return sa.out(context.T.reshape(1, -1, *x.shape[1:]))[0], weights
+
+
+@torch.no_grad()
+def loop_isa(block, x):
+    """The block on one image by loops; returns the cropped output and A^L, A^S over the padded map."""
+    _, h, w = x.shape
+    _, real, same_offset, same_block = groupings(h, w, block.down_factor)
+    top, bottom, left, right = padding(h, w, block.down_factor)
+    y, a_long = loop_attention(block.long_range, F.pad(x, (left, right, top, bottom)), same_offset, real)
+    z, a_short = loop_attention(block.short_range, y, same_block, real)
+    return z[:, top:top + h, left:left + w], a_long, a_short
+
+
+SIZES = [(4, 6), (5, 7), (1, 2), (3, 8)]  # divisible by (2, 3), padded both ways, smaller than a block
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("h,w", SIZES)
+def test_equals_two_masked_dense_attentions(h, w, fused):
+    block = random_isa()
+    block.fused = fused
+    x = torch.randn(2, C, h, w, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), dense_isa(block, x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("h,w", SIZES[:2])
+def test_equals_loop_definition(h, w):
+    block = random_isa()
+    x = torch.randn(2, C, h, w, dtype=torch.float64)
+    out = block(x)
+    for b in range(2):
+        torch.testing.assert_close(out[b], loop_isa(block, x[b])[0])
+
+
+@pytest.mark.parametrize("h,w", SIZES)
+def test_attention_map_equals_loop_definition(h, w):
+    block = random_isa()
+    x = torch.randn(1, C, h, w, dtype=torch.float64)
+    _, a_long, a_short = loop_isa(block, x[0])
+    top, _, left, right = padding(h, w, block.down_factor)
+    wp = w + left + right
+    for i, j in {(0, 0), (h // 2, w // 2), (h - 1, w - 1)}:
+        u = (i + top) * wp + (j + left)
+        composed = (a_short[u] @ a_long).reshape(-1, wp)[top:top + h, left:left + w]
+        amap = attnlib.attention_map(block, x, (i, j))[0]
+        torch.testing.assert_close(amap, composed)
+        torch.testing.assert_close(amap.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_attention_map_reaches_every_position_when_divisible():
+    block = random_isa()
+    x = torch.randn(2, C, 6, 9, dtype=torch.float64)
+    for query in [(0, 0), (3, 4), (5, 8)]:
+        assert (attnlib.attention_map(block, x, query) > 0).all()
+
+
+def test_every_output_depends_on_every_input_when_divisible():
+    """The Jacobian's non-zero pattern, one output position at a time (a random mix of its channels)."""
+    block = random_isa()
+    h, w = 4, 6
+    x = torch.randn(1, C, h, w, dtype=torch.float64, requires_grad=True)
+    out = block(x)
+    probe = torch.randn_like(out)
+    for i in range(h):
+        for j in range(w):
+            (grad,) = torch.autograd.grad((out * probe)[..., i, j].sum(), x, retain_graph=True)
+            assert (grad[0].abs().sum(dim=0) != 0).all(), (i, j)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_every_size_from_1_to_10_works(train, fused):
+    """Blocks of 3×4: sizes below, at and between multiples, so some long-range groups hold no real key."""
+    block = randomize_(InterlacedSparseAttention(C, KEY, VALUE, OUT, down_factor=(3, 4), fused=fused)).train(train)
+    for h in range(1, 11):
+        for w in range(1, 11):
+            x = torch.randn(1, C, h, w)
+            with torch.no_grad():
+                out = block(x)
+                assert out.shape == (1, OUT, h, w) and torch.isfinite(out).all(), (h, w)
+                if not train:
+                    amap = block.attention_map(x, (h - 1, w // 2))
+                    assert torch.isfinite(amap).all() and (amap >= 0).all(), (h, w)
+                    torch.testing.assert_close(amap.sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("bad", [0, -1, (2, 0), (0, 2), 1.5, (2.0, 2), (2,), (2, 2, 2), True, "8"])
+def test_bad_down_factor_raises(bad):
+    with pytest.raises(ValueError, match="down_factor"):
+        InterlacedSparseAttention(C, KEY, VALUE, OUT, down_factor=bad)
+
+
+def test_int_down_factor_means_square_blocks():
+    assert InterlacedSparseAttention(C, KEY, VALUE, OUT, down_factor=4).down_factor == (4, 4)
+
+
+def test_flops_count_the_padded_map():
+    kwargs = dict(key_channels=KEY, value_channels=VALUE, out_channels=OUT, down_factor=(3, 4))
+    assert interlaced_sparse_flops(2, C, 7, 11, **kwargs) == interlaced_sparse_flops(2, C, 9, 12, **kwargs)
+    n, g, p = 9 * 12, 3 * 3, 3 * 4
+    conv = sum(2 * 2 * n * (2 * (c_in * KEY + KEY * KEY) + c_in * VALUE + VALUE * OUT) for c_in in (C, OUT))
+    matmul = 2 * 2 * (p * g * g + g * p * p) * (KEY + VALUE)
+    assert interlaced_sparse_flops(2, C, 9, 12, **kwargs) == {"conv": conv, "matmul": matmul}
+
+
+def test_attention_memory_formula():
+    # 1×512×256×128 at 8×8 (the official benchmark): G = 32·16 = 512 blocks of P = 64 positions.
+    g, p = 512, 64
+    assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=(8, 8)) == (p * g * g + g * p * p) * 4
+    assert interlaced_sparse_attention_memory(1, 512, 250, 121, down_factor=8) == (p * g * g + g * p * p) * 4
+    assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=8, fused=True) == 0

@@ -1,0 +1,106 @@
+"""The dilated backbone, every head's forward pass, input checks and the trained-model cache."""
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from attnlib import models, train
+from attnlib.data import data_root
+
+requires_data = pytest.mark.skipif(not (data_root() / "train.txt").is_file(),
+                                   reason="CamVid not found: set ATTNLIB_DATA to the data folder")
+
+
+def test_dilated_resnet18_has_output_stride_8():
+    backbone = models.dilated_resnet18().eval()
+    with torch.no_grad():
+        c3, c4 = backbone(torch.randn(1, 3, 360, 480))
+    assert c3.shape == (1, 256, 45, 60)
+    assert c4.shape == (1, 512, 45, 60)
+
+
+def test_dilation_changes_no_weight():
+    backbone = models.dilated_resnet18()
+    reference = torchvision.models.resnet18()
+    state = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    backbone.load_state_dict(state)  # strict: same names, same shapes
+    assert sum(p.numel() for p in backbone.parameters()) == sum(v.numel() for k, v in reference.named_parameters()
+                                                                 if not k.startswith("fc."))
+    for layer, rate in ((backbone.layer3, 2), (backbone.layer4, 4)):
+        for block in layer:
+            for conv in (block.conv1, block.conv2):
+                assert (conv.stride, conv.dilation, conv.padding) == ((1, 1), (rate, rate), (rate, rate))
+        assert layer[0].downsample[0].stride == (1, 1)
+
+
+def test_pretrained_without_network_says_so(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", offline)
+    with pytest.raises(RuntimeError, match="could not fetch.*pretrained=False"):
+        models.dilated_resnet18(pretrained=True)
+
+
+@pytest.mark.parametrize("head", models.HEADS)
+def test_every_head_segments_a_full_frame(head):
+    torch.manual_seed(0)
+    model = models.build(head).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 360, 480))
+    assert out.shape == (1, 11, 360, 480)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("head", models.HEADS)
+def test_every_head_trains_in_channels_last(head):
+    """The trainer's layout: channels_last weights and input, train mode, a backward pass."""
+    torch.manual_seed(0)
+    model = models.build(head).train().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 48).contiguous(memory_format=torch.channels_last)
+    logits, aux = model(x, return_aux=True)
+    (logits.logsumexp(1).mean() + aux.logsumexp(1).mean()).backward()
+    assert logits.shape == (2, 11, 32, 48)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_auxiliary_output_only_on_request():
+    model = models.build("fcn").train()
+    x = torch.randn(2, 3, 32, 48)
+    logits, aux = model(x, return_aux=True)
+    assert logits.shape == aux.shape == (2, 11, 32, 48)
+    assert model(x).shape == (2, 11, 32, 48)
+    assert models.build("fcn", aux=False)(x, return_aux=True)[1] is None
+
+
+def test_unknown_head_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown head 'psp'.*'fcn'.*'isanet'"):
+        models.build("psp")
+
+
+@pytest.mark.parametrize("x, message", [
+    (torch.randn(3, 64, 64), "4-D"),
+    (torch.randn(1, 1, 64, 64), "expected 3 input channels, got 1"),
+    (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), "floating-point"),
+])
+def test_input_is_validated(x, message):
+    with pytest.raises(ValueError, match=message):
+        models.build("fcn", aux=False)(x)
+
+
+@requires_data
+def test_load_trained_trains_once_then_loads(tmp_path, monkeypatch):
+    tiny = train.Schedule(name="quick", steps=2, batch_size=2, crop_size=(32, 48), lr=1e-3, weight_decay=1e-2,
+                          train_limit=2, eval_limit=1, eval_batch_size=1)
+    monkeypatch.setitem(train.PROFILES, "quick", tiny)
+    model, metrics = models.load_trained("fcn", "quick", checkpoint_dir=tmp_path)
+    assert not model.training
+    assert (tmp_path / "fcn-quick-seed0.pt").is_file()
+    assert metrics["images"] == 1 and 0 <= metrics["miou"] <= 1
+    monkeypatch.setattr(train, "load_split", lambda *a, **k: pytest.fail("a cached model must not be retrained"))
+    again, metrics_again = models.load_trained("fcn", "quick", checkpoint_dir=tmp_path)
+    assert metrics_again == metrics
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

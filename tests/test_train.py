@@ -1,0 +1,212 @@
+"""Training loop, metrics and checkpoints: exact resumption, atomic writes, mIoU by hand."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from attnlib import train
+from attnlib.data import IGNORE_INDEX, data_root
+from attnlib.models import build
+
+requires_data = pytest.mark.skipif(not (data_root() / "train.txt").is_file(),
+                                   reason="CamVid not found: set ATTNLIB_DATA to the data folder")
+
+# A few steps on a few 32×48 crops: the whole loop, in about a second on a CPU.
+TINY = train.Schedule(name="tiny", steps=4, batch_size=2, crop_size=(32, 48), lr=1e-3, weight_decay=1e-2,
+                      warmup_steps=1, train_limit=4, checkpoint_every=2, log_every=1)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_confusion_matrix_by_hand():
+    target = torch.tensor([[0, 0, 1], [1, 2, IGNORE_INDEX]])
+    pred = torch.tensor([[0, 1, 1], [2, 2, 0]])
+    cm = train.confusion_matrix(pred, target, num_classes=3, ignore_index=IGNORE_INDEX)
+    expected = torch.tensor([[1, 1, 0],   # target 0: one right, one called 1
+                             [0, 1, 1],   # target 1: one right, one called 2
+                             [0, 0, 1]])  # target 2: right; the ignored pixel is nowhere
+    assert torch.equal(cm, expected)
+    iou, miou = train.iou_from_confusion(cm)
+    # IoU_c = TP / (row + column - TP): 1/(2+1-1), 1/(2+2-1), 1/(1+2-1)
+    assert torch.allclose(iou, torch.tensor([1 / 2, 1 / 3, 1 / 2], dtype=torch.float64))
+    assert miou == pytest.approx((1 / 2 + 1 / 3 + 1 / 2) / 3)
+
+
+def test_ignore_index_never_counted():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 12, (4, 36, 48), generator=g)
+    pred = torch.randint(0, 11, (4, 36, 48), generator=g)
+    cm = train.confusion_matrix(pred, target)
+    assert cm.shape == (11, 11)
+    assert cm.sum() == (target != IGNORE_INDEX).sum()
+    # Changing the predictions at ignored pixels changes nothing.
+    assert torch.equal(train.confusion_matrix(torch.where(target == IGNORE_INDEX, 0, pred), target), cm)
+
+
+def test_absent_class_is_nan_and_left_out_of_the_mean():
+    cm = torch.zeros(3, 3, dtype=torch.long)
+    cm[0, 0], cm[1, 1], cm[1, 0] = 5, 3, 1  # class 2 neither in target nor predicted
+    iou, miou = train.iou_from_confusion(cm)
+    assert math.isnan(iou[2])
+    assert miou == pytest.approx((5 / 6 + 3 / 4) / 2)
+    assert math.isnan(train.iou_from_confusion(torch.zeros(3, 3, dtype=torch.long))[1])
+
+
+@pytest.mark.parametrize("bad", [12, -1, 255])
+def test_labels_outside_range_raise(bad):
+    target = torch.tensor([0, 1, bad])
+    with pytest.raises(ValueError, match="target values outside 0..10"):
+        train.confusion_matrix(torch.tensor([0, 1, 2]), target)
+
+
+def test_predictions_outside_range_raise():
+    with pytest.raises(ValueError, match="predictions outside"):
+        train.confusion_matrix(torch.tensor([0, 11]), torch.tensor([0, 1]))
+
+
+# --------------------------------------------------------------------------- profile, schedule, augmentation
+
+
+def test_profile_env_override(monkeypatch):
+    monkeypatch.delenv("ATTNLIB_PROFILE", raising=False)
+    assert train.profile() == ("full" if torch.cuda.is_available() else "quick")
+    for name in ("quick", "full"):
+        monkeypatch.setenv("ATTNLIB_PROFILE", name)
+        assert train.profile() == name
+    monkeypatch.setenv("ATTNLIB_PROFILE", "fast")
+    with pytest.raises(ValueError, match="ATTNLIB_PROFILE='fast'"):
+        train.profile()
+
+
+def test_learning_rate_warmup_then_poly_to_zero():
+    s = replace(TINY, steps=100, warmup_steps=10, lr=0.1)
+    assert train.learning_rate(s, 0) == pytest.approx(0.01)
+    assert train.learning_rate(s, 9) == pytest.approx(0.1)
+    assert train.learning_rate(s, 10) == pytest.approx(0.1)
+    assert train.learning_rate(s, 55) == pytest.approx(0.1 * 0.5 ** 0.9)
+    assert 0 < train.learning_rate(s, 99) < 0.01
+
+
+def test_augment_identity_geometry_reproduces_the_frame():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 12, 16), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 12, (2, 12, 16), generator=g)
+    x, y = train.augment_batch(images, labels, (12, 16), torch.Generator().manual_seed(1),
+                               scale_range=(1.0, 1.0), flip=False, jitter=False)
+    assert torch.equal(y, labels)
+    assert torch.allclose(x, train._normalize(images), atol=1e-4)
+
+
+def test_augment_pads_with_ignore_and_is_reproducible():
+    images = torch.full((3, 3, 36, 48), 200, dtype=torch.uint8)
+    labels = torch.zeros(3, 36, 48, dtype=torch.long)
+    args = ((64, 80), torch.Generator().manual_seed(3))
+    x, y = train.augment_batch(images, labels, *args, scale_range=(0.5, 1.0))
+    assert x.shape == (3, 3, 64, 80) and x.dtype == torch.float32
+    assert y.shape == (3, 64, 80) and y.dtype == torch.int64
+    assert set(y.unique().tolist()) == {0, IGNORE_INDEX}  # the frame is smaller than the crop: padding is ignored
+    x2, y2 = train.augment_batch(images, labels, (64, 80), torch.Generator().manual_seed(3), scale_range=(0.5, 1.0))
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+# --------------------------------------------------------------------------- fit and checkpoints
+
+
+class TinySegmentor(nn.Module):
+    """A two-layer stand-in for Segmentor (BN, dropout, auxiliary output): checkpoints of kilobytes."""
+
+    arch = {"head": "tiny"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.classifier = nn.Sequential(nn.Dropout2d(0.5), nn.Conv2d(8, 11, 1))
+        self.aux_head = nn.Conv2d(8, 11, 1)
+
+    def forward(self, x, return_aux=False):
+        f = self.features(x)
+        return (self.classifier(f), self.aux_head(f)) if return_aux else self.classifier(f)
+
+
+def _fresh_model(seed: int = 0) -> TinySegmentor:
+    train.seed_everything(seed)
+    return TinySegmentor()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished tiny run: its checkpoint and the trained model."""
+    path = tmp_path_factory.mktemp("ckpt") / "fcn.pt"
+    model = _fresh_model()
+    result = train.fit(model, TINY, checkpoint=path, eval_split=None, progress=False)
+    return path, model, result
+
+
+@requires_data
+def test_resume_is_exact(tmp_path, finished):
+    _, straight, straight_result = finished
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt(event):
+        if event["step"] == 2:
+            raise Interrupt
+
+    path = tmp_path / "interrupted.pt"
+    with pytest.raises(Interrupt):
+        train.fit(_fresh_model(), TINY, checkpoint=path, eval_split=None, progress=False, log=interrupt)
+    assert not torch.load(path, weights_only=True)["complete"]
+    resumed = _fresh_model(seed=123)  # other initial weights: everything must come from the checkpoint
+    result = train.fit(resumed, TINY, checkpoint=path, eval_split=None, progress=False)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert result["history"]["loss"] == straight_result["history"]["loss"]
+    assert len(result["history"]["loss"]) == TINY.steps
+
+
+@requires_data
+def test_finished_checkpoint_is_loaded_not_retrained(finished, monkeypatch):
+    path, trained, result = finished
+    monkeypatch.setattr(train, "load_split", lambda *a, **k: pytest.fail("a finished run must not load data"))
+    model = _fresh_model(seed=7)
+    again = train.fit(model, TINY, checkpoint=path, eval_split=None, progress=False)
+    assert again["history"] == result["history"]
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ValueError, match="another configuration"):
+        train.fit(_fresh_model(), TINY, seed=1, checkpoint=path, eval_split=None, progress=False)
+
+
+@requires_data
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, finished):
+    path = tmp_path / "fcn.pt"
+    train.fit(build("fcn"), replace(TINY, steps=1, checkpoint_every=0), checkpoint=path, eval_split=None, progress=False)
+    with pytest.raises(ValueError, match="expected head 'nonlocal', got 'fcn'"):
+        train.load_checkpoint(path, build("nonlocal"))
+    with pytest.raises(ValueError, match="expected aux False, got True"):
+        train.load_checkpoint(path, build("fcn", aux=False))
+    with pytest.raises(ValueError, match="expected head 'fcn', got 'tiny'"):
+        train.load_checkpoint(finished[0], build("fcn"))
+
+
+@requires_data
+def test_checkpoint_write_is_atomic(finished, monkeypatch):
+    path, _, _ = finished
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        real_save({"partial": torch.zeros(1000)}, f)  # some bytes reach the temporary file...
+        raise OSError("disk full")  # ...then the write fails
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train.fit(_fresh_model(), replace(TINY, steps=1), checkpoint=path, resume=False, eval_split=None, progress=False)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left
+    assert torch.load(path, weights_only=True)["complete"]
