@@ -19,13 +19,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils import benchmark
+
+# torch.utils.benchmark imports cpp_extension, which logs a warning at import on machines that
+# have a CUDA toolkit but no GPU.  Nothing here compiles extensions: keep that noise out of the
+# notebooks' stderr, for the import only.
+_cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
+_level = _cpp_extension_log.level
+_cpp_extension_log.setLevel(logging.ERROR)
+try:
+    from torch.utils import benchmark
+finally:
+    _cpp_extension_log.setLevel(_level)
 
 from . import complexity
 from .core import set_fused

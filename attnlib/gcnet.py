@@ -47,13 +47,11 @@ where the paper is silent: the bottleneck width is ``int(C * ratio)``; :math:`W_
 Kaiming-normal (fan-in) initialisation; the last convolution of every transform is
 zero-initialised; with both fusions the multiplication comes first, then the addition.
 
-**One deliberate deviation, for** ``"mul"`` **fusion.**  The official code gates with
-:math:`\sigma(t)` and zero-initialises :math:`t`'s last convolution, so at initialisation
-:math:`\sigma(0) = 1/2` *halves* the features: that block is not the identity at init.
-Here the gate is :math:`2\sigma(t) = 1 + \tanh(t/2)`, whose value at :math:`t = 0` is exactly
-1, so the zero initialisation makes the block the identity, as it does for ``"add"``
-(the neutral element of each fusion).  The gate keeps its shape, saturating at 0 and 2
-instead of 0 and 1.
+**Identity at initialisation.**  With ``"add"`` (the GC block), the zero-initialised last
+convolution makes the block start as the identity.  With ``"mul"`` the official gate
+:math:`\sigma(t)` starts at :math:`\sigma(0) = 1/2`, so a block with that fusion starts by
+*halving* its input; we keep the paper's and the official code's gate rather than change
+the model to make the initialisation neutral.
 """
 from __future__ import annotations
 
@@ -164,7 +162,7 @@ class ContextBlock(_GlobalContext):
         ratio: bottleneck ratio r of the transform, 0 < r ≤ 1 (width ``int(C * r)``, at least 1).
         pooling: ``"att"`` (attention pooling, the GC block) or ``"avg"`` (global average pooling).
         fusions: a non-empty tuple of distinct fusions, ``"add"`` (:math:`x + t`, the GC
-            block) and/or ``"mul"`` (:math:`x \\cdot 2\\sigma(t)`, see the module docstring);
+            block) and/or ``"mul"`` (:math:`x \\cdot \\sigma(t)`, the SE-style gate; see the module docstring);
             each has its own transform.  With both, the product comes first, then the sum.
         fused: compute the attention pooling on the fast path when no weights are asked for.
     """
@@ -182,8 +180,7 @@ class ContextBlock(_GlobalContext):
         context, _ = self._context(x, need_weights=False)  # B×C×1×1
         out = x
         if self.mul_transform is not None:
-            # A channel gate, broadcast over positions; 2σ(0) = 1 makes the zero init the identity.
-            out = out * (2 * torch.sigmoid(self.mul_transform(context)))
+            out = out * torch.sigmoid(self.mul_transform(context))  # a channel gate, broadcast over positions
         if self.add_transform is not None:
             out = out + self.add_transform(context)  # the same vector added at every position
         return out

@@ -18,9 +18,9 @@ stage has 512 channels where ResNet-50's has 2048: mmseg's ``channels=512`` beco
 ``HEADS``      head (after mmseg)
 =============  =====================================================================================
 ``fcn``        FCNHead: 3×3 conv 512→128, 3×3 conv 128→128, concat the input, 3×3 conv → 128
-``nonlocal``   NLHead: conv, ``NonLocal2d(128, 64)``, conv, concat the input, conv
+``nonlocal``   NLHead: conv, ``NonLocal2d(128, 64)`` (no 1/√d, as the paper; mmseg scales), conv, concat, conv
 ``gcnet``      GCHead: conv, ``ContextBlock(128, 1/4, "att", ("add",))``, conv, concat, conv
-``danet``      DAHead: (conv, PAM, conv) + (conv, CAM, conv), summed
+``danet``      DAHead (:class:`attnlib.danet.DualAttentionHead`): (conv, PAM, conv) + (conv, CAM, conv)
 ``ccnet``      CCHead: conv, ``RecurrentCrissCross(128, recurrence=2)``, conv, concat, conv
 ``ann``        ANNHead: AFNB(layer3 → layer4, 64 key/value channels), dropout, 3×3 conv → 128, APNB
 ``isanet``     ISAHead: conv, interlaced sparse attention, concat the conv's output, 1×1 conv
@@ -300,8 +300,11 @@ def load_trained(name: str, profile: str | None = None, root: str | os.PathLike 
         seed: seeds the initial weights, the data order and the augmentation.
 
     Returns:
-        ``(model, metrics)``: the model in eval mode (on the GPU if there is one) and the
-        final evaluation (``miou``, per-class ``iou``, ...; see :func:`attnlib.train.evaluate`).
+        ``(model, record)``: the model in eval mode (on the GPU if there is one) and what
+        :func:`attnlib.train.fit` recorded: ``record["metrics"]``, the final evaluation
+        (``miou``, per-class ``iou``, ...; see :func:`attnlib.train.evaluate`),
+        ``record["history"]``, the training curves, and ``record["run"]``, the device, time
+        and memory of the run.
     """
     if name not in HEADS:
         raise ValueError(f"unknown head {name!r}: expected one of {HEADS}")
@@ -310,4 +313,4 @@ def load_trained(name: str, profile: str | None = None, root: str | os.PathLike 
     train.seed_everything(seed)
     model = build(name)
     result = train.fit(model, train.PROFILES[profile], root=root, seed=seed, checkpoint=path, resume=True)
-    return model.eval(), result["metrics"]
+    return model.eval(), result

@@ -48,7 +48,8 @@ CASES = [
       for mode in ("embedded_gaussian", "gaussian", "dot_product", "concatenation")],
     Case("nonlocal-subsample", _make("nonlocal_block", "NonLocal2d", C, sub_sample=True), identity_at_init=True),
     Case("nonlocal-nobn", _make("nonlocal_block", "NonLocal2d", C, bn=False), identity_at_init=True),
-    *[Case(f"gc-{pool}-{'+'.join(fus)}", _make("gcnet", "ContextBlock", C, pooling=pool, fusions=fus), identity_at_init=True,
+    *[Case(f"gc-{pool}-{'+'.join(fus)}", _make("gcnet", "ContextBlock", C, pooling=pool, fusions=fus),
+           identity_at_init=fus == ("add",),  # the official "mul" gate σ(0) = 1/2 halves x at init
            memory="spatial" if pool == "att" else "none")
       for pool in ("att", "avg") for fus in (("add",), ("mul",), ("add", "mul"))],
     Case("simplified-nonlocal", _make("gcnet", "SimplifiedNonLocal2d", C), identity_at_init=True),

@@ -41,10 +41,10 @@ def loop_transform(transform, v: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def loop_context_block(block: ContextBlock, x: torch.Tensor) -> torch.Tensor:
-    """z_i = x_i · 2σ(t_mul) + t_add at every position i of one image (mul first, then add)."""
+    """z_i = x_i · σ(t_mul) + t_add at every position i of one image (mul first, then add)."""
     _, context = loop_context(block, x)
     z = torch.empty_like(x)
-    gate = 2 * torch.sigmoid(loop_transform(block.mul_transform, context)) if block.mul_transform is not None else None
+    gate = torch.sigmoid(loop_transform(block.mul_transform, context)) if block.mul_transform is not None else None
     shift = loop_transform(block.add_transform, context) if block.add_transform is not None else None
     for i in range(x.shape[1]):
         for j in range(x.shape[2]):
@@ -130,14 +130,14 @@ def test_add_fusion_adds_one_vector_everywhere_and_mul_scales_each_channel():
     mul = randomize_(ContextBlock(6, fusions=("mul",))).double()
     gate = mul(x) / x
     torch.testing.assert_close(gate, gate[:, :, :1, :1].expand_as(gate))  # a per-channel gate
-    assert ((gate > 0) & (gate < 2)).all() and (gate - 1).abs().max() > 1e-3  # 2σ(t) ∈ (0, 2)
+    assert ((gate > 0) & (gate < 1)).all() and (gate - 0.5).abs().max() > 1e-3  # σ(t) ∈ (0, 1)
 
 
 def test_both_fusions_multiply_first_then_add():
     block = randomize_(ContextBlock(6, fusions=("add", "mul"))).double()
     x = torch.randn(1, 6, 3, 4, dtype=torch.float64)
     context, _ = block._context(x, need_weights=False)
-    gate = 2 * torch.sigmoid(block.mul_transform(context))
+    gate = torch.sigmoid(block.mul_transform(context))
     shift = block.add_transform(context)
     torch.testing.assert_close(block(x), x * gate + shift)
     assert not torch.allclose(block(x), (x + shift) * gate)
@@ -151,15 +151,12 @@ def test_fusion_order_given_does_not_change_the_block():
     torch.testing.assert_close(a(x), b(x))
 
 
-def test_mul_fusion_is_identity_at_init_unlike_a_plain_sigmoid():
-    """Our 2σ(t) gate is exactly 1 at init; the official σ(t) would halve the features."""
-    block = ContextBlock(6, fusions=("mul",))
+def test_mul_fusion_halves_the_input_at_init_as_in_the_official_code():
+    """The zero-initialised transform gives σ(0) = 1/2: "mul" starts by halving x, "add" as the identity."""
     x = torch.randn(2, 6, 3, 4)
-    context, _ = block._context(x, need_weights=False)
-    t = block.mul_transform(context)
-    assert (t == 0).all()
-    assert torch.equal(block(x), x)
-    torch.testing.assert_close(x * torch.sigmoid(t), x / 2)
+    torch.testing.assert_close(ContextBlock(6, fusions=("mul",))(x), x / 2, rtol=0, atol=0)
+    torch.testing.assert_close(ContextBlock(6, fusions=("add", "mul"))(x), x / 2, rtol=0, atol=0)
+    torch.testing.assert_close(ContextBlock(6, fusions=("add",))(x), x, rtol=0, atol=0)
 
 
 def test_transform_width_follows_the_official_int_rule():

@@ -96,11 +96,12 @@ def test_load_trained_trains_once_then_loads(tmp_path, monkeypatch):
     tiny = train.Schedule(name="quick", steps=2, batch_size=2, crop_size=(32, 48), lr=1e-3, weight_decay=1e-2,
                           train_limit=2, eval_limit=1, eval_batch_size=1)
     monkeypatch.setitem(train.PROFILES, "quick", tiny)
-    model, metrics = models.load_trained("fcn", "quick", checkpoint_dir=tmp_path)
+    model, record = models.load_trained("fcn", "quick", checkpoint_dir=tmp_path)
     assert not model.training
     assert (tmp_path / "fcn-quick-seed0.pt").is_file()
-    assert metrics["images"] == 1 and 0 <= metrics["miou"] <= 1
+    assert record["metrics"]["images"] == 1 and 0 <= record["metrics"]["miou"] <= 1
+    assert len(record["history"]["loss"]) == 2 and record["run"]["train_images"] == 4
     monkeypatch.setattr(train, "load_split", lambda *a, **k: pytest.fail("a cached model must not be retrained"))
-    again, metrics_again = models.load_trained("fcn", "quick", checkpoint_dir=tmp_path)
-    assert metrics_again == metrics
+    again, record_again = models.load_trained("fcn", "quick", checkpoint_dir=tmp_path)
+    assert record_again == record
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 
 import pytest
@@ -67,6 +68,31 @@ def test_labels_outside_range_raise(bad):
 def test_predictions_outside_range_raise():
     with pytest.raises(ValueError, match="predictions outside"):
         train.confusion_matrix(torch.tensor([0, 11]), torch.tensor([0, 1]))
+
+
+class Constant(nn.Module):
+    """Predicts class ``k`` everywhere."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k, self.dummy = k, nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(torch.full(x.shape[:1] + x.shape[2:], self.k), 11).permute(0, 3, 1, 2).float()
+
+
+def test_evaluate_counts_only_labelled_pixels():
+    images = torch.zeros(3, 3, 8, 10, dtype=torch.uint8)
+    labels = torch.zeros(3, 8, 10, dtype=torch.uint8)
+    labels[:, :4] = IGNORE_INDEX
+    labels[2, 4:, :5] = 3  # 20 road pixels, called sky
+    result = train.evaluate(Constant(0), data=(images, labels), batch_size=2)
+    assert result["images"] == 3
+    assert result["iou"]["Sky"] == pytest.approx(100 / 120)  # 100 right, 20 false positives
+    assert result["iou"]["Road"] == 0.0
+    assert result["iou"]["Car"] is None  # absent from both: left out of the mean
+    assert result["miou"] == pytest.approx((100 / 120 + 0) / 2)
+    assert result["pixel_accuracy"] == pytest.approx(100 / 120)
 
 
 # --------------------------------------------------------------------------- profile, schedule, augmentation
@@ -210,3 +236,17 @@ def test_checkpoint_write_is_atomic(finished, monkeypatch):
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left
     assert torch.load(path, weights_only=True)["complete"]
+
+
+def test_atomic_write_keeps_the_old_file_and_normal_permissions(tmp_path):
+    path = tmp_path / "result.json"
+    with train.atomic_write(path, "w") as f:
+        f.write("old")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    with pytest.raises(RuntimeError), train.atomic_write(path, "w") as f:
+        f.write("half of the new")
+        raise RuntimeError("interrupted")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
