@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_feature_map, check_positive, check_query
-from .core import attend
+from .core import attend, attention_matrix_bytes
 
 __all__ = [
     "APNB", "AFNB", "pyramid_sample", "num_samples",
@@ -248,7 +248,8 @@ class APNB(_PyramidNonLocal):
 
     def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
         """Bytes of attention matrix :meth:`forward` stores; see :func:`apnb_attention_memory`."""
-        return apnb_attention_memory(batch, self.in_channels, height, width, pool_sizes=self.pool_sizes,
+        return apnb_attention_memory(batch, self.in_channels, height, width, key_channels=self.key_channels,
+                                     pool_sizes=self.pool_sizes,
                                      fused=self.fused, bytes_per_element=bytes_per_element)
 
     def extra_repr(self) -> str:
@@ -316,7 +317,8 @@ class AFNB(_PyramidNonLocal):
 
     def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
         """Bytes of attention matrix :meth:`forward` stores; see :func:`afnb_attention_memory`."""
-        return afnb_attention_memory(batch, self.high_channels, height, width, pool_sizes=self.pool_sizes,
+        return afnb_attention_memory(batch, self.high_channels, height, width, key_channels=self.key_channels,
+                                     pool_sizes=self.pool_sizes,
                                      fused=self.fused, bytes_per_element=bytes_per_element)
 
     def extra_repr(self) -> str:
@@ -367,20 +369,22 @@ def afnb_flops(batch: int, channels: int, height: int, width: int, *, low_channe
     return {"conv": conv, "matmul": _attention_flops(batch, n, s, key_channels, value_channels)}
 
 
-def apnb_attention_memory(batch: int, channels: int, height: int, width: int, *,
+def apnb_attention_memory(batch: int, channels: int, height: int, width: int, *, key_channels: int,
                           pool_sizes: Sequence[int] = POOL_SIZES, fused: bool = False, bytes_per_element: int = 4) -> int:
-    """Bytes of the B×N×S attention matrix the reference path materialises: :math:`BNS` elements.
+    """Bytes of the B×N×S attention matrix: :math:`BNS` elements, linear in N (the non-local block's is :math:`BN^2`).
 
-    Linear in N (the non-local block's is :math:`BN^2`).  The fused path stores none: 0.
+    The fused path stores none — unless there are fewer samples S than key channels (110 keys
+    against 256 channels in the paper's setting), where the core takes its plain path on either
+    setting because the matrix is smaller than the queries (:func:`attnlib.core.takes_fused_path`).
     ``channels`` does not enter; it keeps the signature of the other formulas.
     """
-    if fused:
-        return 0
-    return batch * height * width * num_samples(pool_sizes) * bytes_per_element
+    return attention_matrix_bytes(batch, height * width, num_samples(pool_sizes), key_channels, fused=fused,
+                                  bytes_per_element=bytes_per_element)
 
 
-def afnb_attention_memory(batch: int, channels: int, height: int, width: int, *,
+def afnb_attention_memory(batch: int, channels: int, height: int, width: int, *, key_channels: int,
                           pool_sizes: Sequence[int] = POOL_SIZES, fused: bool = False, bytes_per_element: int = 4) -> int:
     """Bytes of AFNB's B×N×S attention matrix: the same :math:`BNS` elements as :func:`apnb_attention_memory`."""
-    return apnb_attention_memory(batch, channels, height, width, pool_sizes=pool_sizes, fused=fused,
+    return apnb_attention_memory(batch, channels, height, width, key_channels=key_channels, pool_sizes=pool_sizes,
+                                 fused=fused,
                                  bytes_per_element=bytes_per_element)

@@ -22,7 +22,9 @@ Two paths compute it:
 * the **fused path** calls :func:`torch.nn.functional.scaled_dot_product_attention`,
   which on recent PyTorch never stores :math:`A` (flash / memory-efficient kernels).
 
-``attend`` takes the fused path unless the weights are asked for or ``fused=False``.
+``attend`` takes the fused path unless the weights are asked for or ``fused=False`` — or the
+attention matrix is no larger than the queries (a single query, or fewer keys than query
+channels): then there is nothing to save, and two plain products are as fast.
 The test-suite holds the two equal (float32, ``atol=1e-5``).
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["attend", "set_fused"]
+__all__ = ["attend", "attention_matrix_bytes", "set_fused", "takes_fused_path"]
 
 
 def _check_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -60,6 +62,27 @@ def _check_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             raise ValueError(
                 f"attend: expected a mask of shape {(n_q, n_k)} or {tuple(query.shape[:-1]) + (n_k,)}, got {tuple(mask.shape)}"
             )
+
+
+def takes_fused_path(n_q: int, n_k: int, d_k: int, *, fused: bool = True, need_weights: bool = False) -> bool:
+    """Whether :func:`attend` calls ``scaled_dot_product_attention`` for these sizes.
+
+    The fused kernels pay by never storing the :math:`N_q\times N_k` matrix.  With a single
+    query (GCNet's global context), or fewer keys than query channels (DANet's channel
+    attention, ANN's 110 pooled keys), that matrix is no larger than the queries themselves:
+    nothing is saved, and on a CPU two plain products are as fast or faster
+    (``python -m attnlib.bench``).  So those take the plain path whatever ``fused`` says.
+    """
+    return fused and not need_weights and n_q > 1 and n_k >= d_k
+
+
+def attention_matrix_bytes(count: int, n_q: int, n_k: int, d_k: int, *, fused: bool,
+                           bytes_per_element: int = 4) -> int:
+    """Bytes of ``count`` N_q×N_k attention matrices as :func:`attend` stores them (0 when fused).
+
+    The one rule every block's ``attention_memory`` formula uses, so formulas and core agree.
+    """
+    return 0 if takes_fused_path(n_q, n_k, d_k, fused=fused) else count * n_q * n_k * bytes_per_element
 
 
 def attend(
@@ -91,7 +114,7 @@ def attend(
     _check_operands(query, key, value, mask)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    if fused and not need_weights:
+    if takes_fused_path(query.shape[-2], key.shape[-2], query.shape[-1], fused=fused, need_weights=need_weights):
         # Contiguous operands: on a CPU, SDPA takes its flash kernel only for those, and falls
         # back to the math path (which stores A) for transposed views.
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()

@@ -70,7 +70,7 @@ import torch
 from torch import nn
 
 from ._checks import check_feature_map, check_positive, check_query
-from .core import attend
+from .core import attend, attention_matrix_bytes
 
 __all__ = [
     "PositionAttention",
@@ -141,8 +141,8 @@ class PositionAttention(nn.Module):
 
     def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
         """Bytes of attention matrix :meth:`forward` stores; see :func:`position_attention_attention_memory`."""
-        return position_attention_attention_memory(batch, self.in_channels, height, width, fused=self.fused,
-                                                   bytes_per_element=bytes_per_element)
+        return position_attention_attention_memory(batch, self.in_channels, height, width, reduction=self.reduction,
+                                                   fused=self.fused, bytes_per_element=bytes_per_element)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, reduction={self.reduction}, fused={self.fused}"
@@ -292,10 +292,13 @@ def position_attention_flops(batch: int, channels: int, height: int, width: int,
             "matmul": 2 * batch * n * n * d + 2 * batch * n * n * channels}
 
 
-def position_attention_attention_memory(batch: int, channels: int, height: int, width: int, *, fused: bool = False,
-                                        bytes_per_element: int = 4) -> int:
-    """Bytes of the B×N×N map S the reference path materialises — :math:`O(N^2)`; 0 on the fused path."""
-    return 0 if fused else batch * (height * width) ** 2 * bytes_per_element
+def position_attention_attention_memory(batch: int, channels: int, height: int, width: int, *, reduction: int = 8,
+                                        fused: bool = False, bytes_per_element: int = 4) -> int:
+    """Bytes of the B×N×N map S the reference path materialises — :math:`O(N^2)`; 0 on the fused path
+    (see :func:`attnlib.core.takes_fused_path`)."""
+    n = height * width
+    return attention_matrix_bytes(batch, n, n, _key_channels(channels, reduction), fused=fused,
+                                  bytes_per_element=bytes_per_element)
 
 
 def channel_attention_flops(batch: int, channels: int, height: int, width: int) -> dict[str, int]:
@@ -309,8 +312,14 @@ def channel_attention_flops(batch: int, channels: int, height: int, width: int) 
 
 def channel_attention_attention_memory(batch: int, channels: int, height: int, width: int, *, fused: bool = False,
                                        bytes_per_element: int = 4) -> int:
-    """Bytes of the B×C×C map X the reference path materialises — independent of H and W; 0 on the fused path."""
-    return 0 if fused else batch * channels * channels * bytes_per_element
+    """Bytes of the B×C×C map X — independent of H and W.
+
+    The queries are channels with :math:`N = HW` entries each, usually far more than the C
+    keys, so even the fused path takes the core's plain path and stores X (see
+    :func:`attnlib.core.takes_fused_path`): it is only :math:`C^2` numbers.
+    """
+    return attention_matrix_bytes(batch, channels, channels, height * width, fused=fused,
+                                  bytes_per_element=bytes_per_element)
 
 
 def dual_attention_head_flops(batch: int, in_channels: int, height: int, width: int, *, channels: int,
@@ -329,12 +338,12 @@ def dual_attention_head_flops(batch: int, in_channels: int, height: int, width: 
 
 
 def dual_attention_head_attention_memory(batch: int, in_channels: int, height: int, width: int, *, channels: int,
-                                         fused: bool = False, bytes_per_element: int = 4) -> int:
+                                         reduction: int = 8, fused: bool = False, bytes_per_element: int = 4) -> int:
     """Bytes of the PAM's B×N×N and the CAM's B×C'×C' maps on the reference path; 0 on the fused path.
 
     ``in_channels`` is accepted for a signature uniform with the other blocks; the maps do not depend on it.
     """
-    return (position_attention_attention_memory(batch, channels, height, width, fused=fused,
+    return (position_attention_attention_memory(batch, channels, height, width, reduction=reduction, fused=fused,
                                                 bytes_per_element=bytes_per_element)
             + channel_attention_attention_memory(batch, channels, height, width, fused=fused,
                                                  bytes_per_element=bytes_per_element))

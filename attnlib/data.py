@@ -104,6 +104,7 @@ __all__ = [
     "load_image",
     "load_label",
     "load_split",
+    "normalize_batch",
     "train_transforms",
     "verify",
 ]
@@ -546,22 +547,28 @@ def train_transforms(
     scale_range: tuple[float, float] = (0.5, 2.0),
     jitter: bool = True,
     normalize: bool = True,
+    flip: bool = True,
 ) -> v2.Compose:
     """The training augmentation; call it as ``t(image, label)``.
 
-    Random scale in ``scale_range`` (bilinear image, nearest mask) → random crop to
-    ``crop_size`` (H, W), padding the image with 0 and the mask with
-    :data:`IGNORE_INDEX` where the scaled frame is smaller → horizontal flip →
-    colour jitter 0.3/0.3/0.3 (image only; ``jitter=False`` drops it) → float32 in
-    [0, 1] → ImageNet normalisation (``normalize=False`` drops it, e.g. for plots).
-    The label comes out int64 H×W.
+    Random scale in ``scale_range`` (bilinear antialiased image, nearest mask) → random
+    crop to ``crop_size`` (H, W), padding the image with 0 and the mask with
+    :data:`IGNORE_INDEX` where the scaled frame is smaller → horizontal flip with
+    probability 1/2 (``flip=False`` drops it) → colour jitter 0.3/0.3/0.3 (image only;
+    ``jitter=False`` drops it) → float32 in [0, 1] → ImageNet normalisation
+    (``normalize=False`` drops it, e.g. for plots).  The label comes out int64 H×W.
+
+    Every random number comes from torch's global CPU generator (none from a CUDA
+    one, also for inputs on a GPU), so ``torch.manual_seed`` makes a call repeatable;
+    :func:`attnlib.train.fit` applies it to one frame at a time on the training device.
     """
     crop = check_positive_pair(crop_size, "crop_size")
     steps: list[Any] = [
         RandomScale(scale_range),
         v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
-        v2.RandomHorizontalFlip(),
     ]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
     if jitter:
         steps.append(v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3))
     steps += _to_float(normalize)
@@ -580,6 +587,18 @@ def _to_float(normalize: bool) -> list[Any]:
         steps.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
     steps.append(_MaskToIndex())
     return steps
+
+
+_EVAL_TRANSFORMS = eval_transforms()
+
+
+def normalize_batch(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``…×3×H×W`` (e.g. a batch B×3×H×W, on any device) → ImageNet-normalised float32.
+
+    :func:`eval_transforms` itself (v2 ``ToDtype`` + ``Normalize`` work on any number of
+    leading dimensions) applied to a whole batch at once; returns a plain tensor.
+    """
+    return _EVAL_TRANSFORMS(tv_tensors.Image(images)).as_subclass(torch.Tensor)
 
 
 def denormalize(image: torch.Tensor) -> torch.Tensor:

@@ -265,12 +265,14 @@ def context_block_flops(batch: int, channels: int, height: int, width: int, *, r
 
 def context_block_attention_memory(batch: int, channels: int, height: int, width: int, *, pooling: str = "att",
                                    fused: bool = False, bytes_per_element: int = 4) -> int:
-    """Bytes of the B×1×N attention weights the reference path materialises — :math:`O(N)`, not :math:`O(N^2)`.
+    """Bytes of the B×1×N attention weights — :math:`O(N)`, not :math:`O(N^2)`.
 
-    The fused path stores none (0); average pooling has no attention weights (0).  ``channels``
-    is accepted for a signature uniform with the other blocks; the weights do not depend on it.
+    Both paths store them: with a single query the attention core always takes its plain
+    path (see :func:`attnlib.core.attend`), so ``fused`` changes nothing.  Average pooling
+    has no attention weights (0).  ``channels`` is accepted for a signature uniform with
+    the other blocks; the weights do not depend on it.
     """
-    if fused or _check_pooling(pooling) == "avg":
+    if _check_pooling(pooling) == "avg":
         return 0
     return batch * height * width * bytes_per_element
 
@@ -287,6 +289,6 @@ def simplified_nonlocal_flops(batch: int, channels: int, height: int, width: int
 
 def simplified_nonlocal_attention_memory(batch: int, channels: int, height: int, width: int, *, fused: bool = False,
                                          bytes_per_element: int = 4) -> int:
-    """Bytes of the B×1×N attention weights the reference path materialises; 0 on the fused path."""
+    """Bytes of the B×1×N attention weights, on either path (see :func:`context_block_attention_memory`)."""
     return context_block_attention_memory(batch, channels, height, width, pooling="att", fused=fused,
                                           bytes_per_element=bytes_per_element)

@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_feature_map, check_positive, check_positive_pair, check_query
-from .core import attend
+from .core import attend, attention_matrix_bytes
 
 __all__ = ["InterlacedSparseAttention", "SelfAttentionBlock", "interlaced_sparse_flops",
            "interlaced_sparse_attention_memory"]
@@ -252,7 +252,8 @@ class InterlacedSparseAttention(nn.Module):
 
     def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
         """Bytes of attention :meth:`forward` stores; see :func:`interlaced_sparse_attention_memory`."""
-        return interlaced_sparse_attention_memory(batch, self.in_channels, height, width, down_factor=self.down_factor,
+        return interlaced_sparse_attention_memory(batch, self.in_channels, height, width, key_channels=self.key_channels,
+                                                  down_factor=self.down_factor,
                                                   fused=self.fused, bytes_per_element=bytes_per_element)
 
     def extra_repr(self) -> str:
@@ -292,16 +293,18 @@ def interlaced_sparse_flops(batch: int, channels: int, height: int, width: int, 
     return {"conv": conv, "matmul": matmul}
 
 
-def interlaced_sparse_attention_memory(batch: int, channels: int, height: int, width: int, *, down_factor=(8, 8),
-                                       fused: bool = False, bytes_per_element: int = 4) -> int:
+def interlaced_sparse_attention_memory(batch: int, channels: int, height: int, width: int, *, key_channels: int,
+                                       down_factor=(8, 8), fused: bool = False, bytes_per_element: int = 4) -> int:
     r"""Bytes of the attention weights the reference path stores: :math:`B\,(P\,G^2 + G\,P^2)` elements.
 
     Long range: :math:`P = d_h d_w` matrices of :math:`G\times G` (:math:`G = g_h g_w`, padded);
     short range: :math:`G` matrices of :math:`P\times P`.  For :math:`N = GP` and :math:`P \approx G
     \approx \sqrt N` that is :math:`O(N^{1.5})` against :math:`O(N^2)`.  The fused path stores none
-    (``scaled_dot_product_attention``'s kernels tile the matrices): 0.  ``channels`` does not enter.
+    (``scaled_dot_product_attention``'s kernels tile the matrices) — except for a stage whose
+    groups have fewer positions than ``key_channels``, where the core's plain path is as fast
+    and the matrices are small (:func:`attnlib.core.takes_fused_path`).  ``channels`` does not enter.
     """
-    if fused:
-        return 0
     g, p = _groups(height, width, down_factor)
-    return batch * (p * g * g + g * p * p) * bytes_per_element
+    long_range = attention_matrix_bytes(batch * p, g, g, key_channels, fused=fused, bytes_per_element=bytes_per_element)
+    short_range = attention_matrix_bytes(batch * g, p, p, key_channels, fused=fused, bytes_per_element=bytes_per_element)
+    return long_range + short_range

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_feature_map, check_positive, check_query
-from .core import attend
+from .core import attend, attention_matrix_bytes
 
 __all__ = ["NonLocal2d", "nonlocal_flops", "nonlocal_attention_memory"]
 
@@ -208,9 +208,14 @@ def nonlocal_attention_memory(batch: int, channels: int, height: int, width: int
                               bytes_per_element: int = 4) -> int:
     """Bytes of the B×N×N_k attention matrix the reference path materialises — :math:`O(N^2)`.
 
-    The fused paths store none (``scaled_dot_product_attention``'s flash kernel tiles it, the
-    reassociated dot product never forms it): 0.  ``concatenation`` always forms it.
+    The fused paths store none (``scaled_dot_product_attention``'s kernels tile it, see
+    :func:`attnlib.core.takes_fused_path`; the reassociated dot product never forms it): 0.
+    ``concatenation`` always forms it.
     """
-    if fused and mode != "concatenation":
-        return 0
-    return batch * height * width * _num_keys(height, width, sub_sample) * bytes_per_element
+    n, n_k = height * width, _num_keys(height, width, sub_sample)
+    if mode == "dot_product":
+        return 0 if fused else batch * n * n_k * bytes_per_element
+    if mode == "concatenation":
+        return batch * n * n_k * bytes_per_element
+    d_k = channels if mode == "gaussian" else (max(channels // 2, 1) if inter_channels is None else inter_channels)
+    return attention_matrix_bytes(batch, n, n_k, d_k, fused=fused, bytes_per_element=bytes_per_element)

@@ -12,16 +12,24 @@ environment variable ``ATTNLIB_PROFILE`` overrides it.
 
 The training data never goes through a ``DataLoader``: the whole train split is
 loaded once (:func:`attnlib.data.load_split`, 367 frames, 253 MB as uint8) onto the
-training device, and :func:`augment_batch` draws a batch of random scale / crop /
-flip / colour jitter in one ``grid_sample`` call there.  On a GPU the input pipeline
-then costs a few kernels per step; on the CPU it is the same code.
+training device.  Each step picks its frames there and applies the reader-facing
+augmentation, :func:`attnlib.data.train_transforms` (``torchvision.transforms.v2``:
+random scale, crop padded with the ignore index, flip, colour jitter, normalisation),
+to one frame at a time, as ``tv_tensors.Image`` / ``tv_tensors.Mask`` views of the
+preloaded tensors, and stacks the results: the same code as a reader's ``CamVid``
+data set, with the pixels never leaving the device.  Evaluation normalises with
+:func:`attnlib.data.normalize_batch`, i.e. :func:`attnlib.data.eval_transforms`.
 
-Every random number of the data stream is a pure function of ``(seed, step)``
-(:func:`_generator`), so a resumed run sees exactly the batches an uninterrupted one
-would.  Dropout draws from the global torch generator, whose state the checkpoint
-keeps.  On the CPU, "2 steps, save, resume, 2 steps" therefore equals "4 steps" to
-the last bit (the tests check it); on a GPU, atomics in some backward kernels
-(e.g. bilinear upsampling) make runs agree only to rounding.
+Every random number of the data stream is a pure function of ``(seed, step)``: the
+frame order comes from generators seeded by :func:`_seed`, and v2, which draws from
+torch's global CPU generator, runs inside ``torch.random.fork_rng`` with that
+generator seeded from ``(seed, step)`` (:func:`_train_batch`).  So a resumed run sees
+exactly the batches an uninterrupted one would, whatever else drew random numbers
+before.  Dropout draws from the global torch generators, whose state the checkpoint
+keeps and the augmentation leaves untouched.  On the CPU, "2 steps, save, resume,
+2 steps" therefore equals "4 steps" to the last bit (the tests check it); on a GPU,
+atomics in some backward kernels (e.g. bilinear upsampling) make runs agree only to
+rounding.
 """
 from __future__ import annotations
 
@@ -43,15 +51,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision import tv_tensors
 from tqdm import tqdm
 
-from .data import CLASSES, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, load_split
+from .data import CLASSES, IGNORE_INDEX, NUM_CLASSES, load_split, normalize_batch, train_transforms
 
 __all__ = [
     "PROFILES",
     "Schedule",
     "atomic_write",
-    "augment_batch",
     "check_profile",
     "confusion_matrix",
     "device_name",
@@ -81,7 +89,8 @@ class Schedule:
         weight_decay: decoupled (AdamW) or L2 (SGD) decay; never applied to biases and
             BatchNorm parameters.
         optimizer: ``"adamw"`` or ``"sgd"`` (momentum ``momentum``, Nesterov off).
-        scale_range, flip, jitter: the augmentation (see :func:`augment_batch`).
+        scale_range, flip, jitter: the augmentation, :func:`attnlib.data.train_transforms`
+            (scale factors, horizontal flips on/off, colour jitter on/off).
         aux_weight: weight of the auxiliary head's loss (mmseg: 0.4).
         train_limit: use only the first ``train_limit`` training frames (``None``: all 367).
         eval_limit: evaluate on the first ``eval_limit`` frames of the split (``None``: all).
@@ -176,13 +185,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _seed(seed: int, *keys: int) -> int:
+    """A 64-bit seed that depends on ``(seed, *keys)`` only: the data stream needs no saved state."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0])
+
+
 def _generator(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator that depends on ``(seed, *keys)`` only: the data stream needs no saved state."""
-    state = np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+    """A CPU generator seeded with :func:`_seed` ``(seed, *keys)``."""
+    return torch.Generator().manual_seed(_seed(seed, *keys))
 
 
-_EPOCH, _AUGMENT = 0, 1  # stream tags for _generator
+_EPOCH, _AUGMENT = 0, 1  # stream tags for _seed / _generator
 
 
 def _batch_indices(seed: int, step: int, n: int, batch_size: int) -> torch.Tensor:
@@ -200,74 +213,35 @@ def _batch_indices(seed: int, step: int, n: int, batch_size: int) -> torch.Tenso
 # --------------------------------------------------------------------------- augmentation
 
 
-def _normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 / 0..255 float B×3×H×W → ImageNet-normalised float32 (as :mod:`attnlib.data` does)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
-
-
-def augment_batch(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    crop_size: tuple[int, int],
-    generator: torch.Generator,
-    scale_range: tuple[float, float] = (0.5, 2.0),
-    flip: bool = True,
-    jitter: bool = True,
+def _train_batch(
+    transform: Callable, images: torch.Tensor, labels: torch.Tensor, seed: int, step: int, batch_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched :func:`attnlib.data.train_transforms`, on the images' device, in one ``grid_sample``.
+    """Batch ``step`` of a run: :func:`_batch_indices`' frames through ``transform``, one at a time.
 
-    Per frame: scale by ``s ~ U(scale_range)``, take a ``crop_size`` window at a uniform
-    offset (where the scaled frame is smaller than the crop, the frame sits at a uniform
-    offset inside it and the rest is image 0 / label :data:`IGNORE_INDEX`), flip
-    horizontally with probability 1/2, and jitter brightness, contrast and saturation by
-    factors in [0.7, 1.3] (fixed order; ``ColorJitter(0.3, 0.3, 0.3)`` shuffles it).  The
-    image is resampled bilinearly without antialiasing (``RandomScale`` antialiases), the
-    label by nearest neighbour.
+    ``transform`` is :func:`attnlib.data.train_transforms` (a v2 pipeline called as
+    ``transform(image, mask)``); each frame goes in as ``tv_tensors.Image`` /
+    ``tv_tensors.Mask`` views of ``images[i]`` / ``labels[i]`` on their device.  v2 draws
+    every random number from torch's global **CPU** generator (``torch.rand`` /
+    ``randint`` / ``randperm`` on the default device, none from a CUDA generator), so
+    the calls run inside ``fork_rng(devices=[])`` with that generator alone reseeded
+    from ``(seed, step)`` (``torch.manual_seed`` would reseed the CUDA generators too):
+    the batch depends on nothing else, and the global stream (dropout) is left as it was.
 
     Args:
-        images: uint8 B×3×H×W.
-        labels: integer B×H×W, values 0..11.
-        crop_size: (h, w) of the output.
-        generator: a CPU generator; it alone decides every random choice.
+        images: uint8 N×3×H×W.
+        labels: integer N×H×W (values 0..11).
 
     Returns:
-        ``(x, y)``: ImageNet-normalised float32 B×3×h×w and int64 B×h×w.
+        ``(x, y)``: the stacked outputs, plain tensors (float32 B×3×h×w and int64 B×h×w
+        for the training pipeline).
     """
-    b, _, height, width = images.shape
-    ch, cw = crop_size
-    lo, hi = scale_range
-    r = torch.rand(b, 7, generator=generator, dtype=torch.float64)  # all draws at once, fixed layout
-    scale = lo + (hi - lo) * r[:, 0]
-    sh, sw = (height * scale).round().clamp(min=1), (width * scale).round().clamp(min=1)
-    # Top-left corner of the crop in the scaled frame: in [0, sh-ch] or, if sh < ch, in [sh-ch, 0].
-    y0 = torch.minimum(sh - ch, torch.zeros(())) + (r[:, 1] * ((sh - ch).abs() + 1)).floor()
-    x0 = torch.minimum(sw - cw, torch.zeros(())) + (r[:, 2] * ((sw - cw).abs() + 1)).floor()
-    # Crop pixel i sits at scaled row y0+i; its centre in grid_sample's [-1, 1] coordinates
-    # (align_corners=False) is 2 (y0 + i + 1/2) / sh - 1: no explicit resize is needed.
-    # Only the B×h and B×w coordinate vectors travel to the device; the grid is built there.
-    gy = 2 * (y0[:, None] + torch.arange(ch, dtype=torch.float64) + 0.5) / sh[:, None] - 1
-    gx = 2 * (x0[:, None] + torch.arange(cw, dtype=torch.float64) + 0.5) / sw[:, None] - 1
-    if flip:
-        gx = torch.where((r[:, 3] < 0.5)[:, None], gx.flip(-1), gx)
-    gx, gy = (g.to(device=images.device, dtype=torch.float32) for g in (gx, gy))
-    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # B×h×w×(x, y)
-
-    x = images.float()
-    if jitter:
-        factors = (0.7 + 0.6 * r[:, 4:7]).to(device=images.device, dtype=torch.float32)
-        brightness, contrast, saturation = (factors[:, k].view(b, 1, 1, 1) for k in range(3))
-        x = (x * brightness).clamp(0, 255)
-        grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # ITU-R 601, as torchvision
-        x = (grey.mean(dim=(2, 3), keepdim=True) * (1 - contrast) + x * contrast).clamp(0, 255)
-        grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-        x = (grey * (1 - saturation) + x * saturation).clamp(0, 255)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    # Shift labels so that the ignore index is 0: zero padding then means "ignore".
-    shifted = labels.float().unsqueeze(1) - IGNORE_INDEX
-    y = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return _normalize(x), (y.squeeze(1) + IGNORE_INDEX).round().long()
+    indices = _batch_indices(seed, step, len(images), batch_size).tolist()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(_seed(seed, _AUGMENT, step))
+        pairs = [transform(tv_tensors.Image(images[i]), tv_tensors.Mask(labels[i])) for i in indices]
+    x = torch.stack([image.as_subclass(torch.Tensor) for image, _ in pairs])
+    y = torch.stack([label.as_subclass(torch.Tensor) for _, label in pairs])
+    return x, y
 
 
 # --------------------------------------------------------------------------- metrics
@@ -340,7 +314,7 @@ def evaluate(model: nn.Module, split: str = "test", *, root: str | os.PathLike |
     model.eval()
     cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long, device=device)
     for start in tqdm(range(0, len(images), batch_size), desc=f"eval {split}", disable=not _show(progress), leave=False):
-        x = _to_input(_normalize(images[start:start + batch_size].to(device)))
+        x = _to_input(normalize_batch(images[start:start + batch_size].to(device)))
         with _autocast(device):
             pred = model(x).argmax(1)
         cm += confusion_matrix(pred, labels[start:start + batch_size].to(device))
@@ -522,6 +496,12 @@ def fit(
 ) -> dict:
     """Train ``model`` on the CamVid train split under ``schedule``, then evaluate it.
 
+    The train split is preloaded onto ``device`` as uint8; each step augments its
+    ``schedule.batch_size`` frames there with :func:`attnlib.data.train_transforms`
+    (``schedule.crop_size``, ``scale_range``, ``jitter``, ``flip``; built once per call),
+    one frame at a time, and stacks them.  Every random choice of the data stream
+    (frames, scales, crops, flips, jitter) is a pure function of ``(seed, step)``.
+
     Loss: cross-entropy ignoring :data:`IGNORE_INDEX` (optionally ``class_weights``,
     e.g. :data:`attnlib.data.SEGNET_CLASS_WEIGHTS`), plus ``schedule.aux_weight`` times
     the auxiliary head's (when ``model(x, return_aux=True)`` returns one).  On CUDA:
@@ -587,6 +567,7 @@ def fit(
     if eval_split is not None:
         eval_data = tuple(t.to(device) for t in load_split(eval_split, root, schedule.eval_limit)[:2])
     weight = None if class_weights is None else torch.tensor(config["class_weights"], device=device)
+    augment = train_transforms(schedule.crop_size, schedule.scale_range, schedule.jitter, flip=schedule.flip)
 
     def save(complete: bool, metrics: dict | None = None) -> None:
         if checkpoint is None:
@@ -622,9 +603,7 @@ def fit(
         lr = learning_rate(schedule, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = _batch_indices(seed, step, len(images), schedule.batch_size).to(device)
-        x, y = augment_batch(images[batch], labels[batch], schedule.crop_size, _generator(seed, _AUGMENT, step),
-                             schedule.scale_range, schedule.flip, schedule.jitter)
+        x, y = _train_batch(augment, images, labels, seed, step, schedule.batch_size)
         with _autocast(device):
             logits, aux = model(_to_input(x), return_aux=True)
         loss = F.cross_entropy(logits.float(), y, weight=weight, ignore_index=IGNORE_INDEX)
@@ -636,7 +615,7 @@ def fit(
         pending.append(loss.detach())
         history["lr"].append(lr)
         step += 1
-        run["train_images"] += len(batch)
+        run["train_images"] += len(x)
         bar.update()
 
         logging = step % schedule.log_every == 0 or step == schedule.steps

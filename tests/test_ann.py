@@ -254,6 +254,8 @@ def test_flops_with_paper_pyramid_equal_counted(fused):
 
 
 def test_attention_memory_is_n_by_s():
-    assert apnb_attention_memory(2, 16, 32, 64) == 2 * 32 * 64 * 110 * 4
-    assert apnb_attention_memory(2, 16, 32, 64, fused=True) == 0
+    assert apnb_attention_memory(2, 16, 32, 64, key_channels=8) == 2 * 32 * 64 * 110 * 4
+    assert apnb_attention_memory(2, 16, 32, 64, key_channels=8, fused=True) == 0
+    # fewer samples than key channels: the core's plain path, on either setting
+    assert apnb_attention_memory(2, 16, 32, 64, key_channels=256, fused=True) == 2 * 32 * 64 * 110 * 4
     assert APNB(16, 16, 8, 8, pool_sizes=(1, 2), fused=False).attention_memory(1, 8, 8, 2) == 64 * 5 * 2

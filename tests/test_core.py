@@ -99,3 +99,22 @@ def test_bf16_autocast():
         for fused in (False, True):
             out, _ = attend(q, k, v, fused=fused)
             assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("n_q, n_k, d_k, expected", [
+    (7, 9, 5, True),     # more keys than channels: SDPA saves the 7×9 matrix
+    (1, 9, 5, False),    # a single query (GCNet): nothing to save
+    (7, 4, 5, False),    # fewer keys than query channels (CAM, ANN's pooled keys)
+    (7, 5, 5, True),
+])
+def test_fused_kernel_is_called_exactly_when_the_rule_says(monkeypatch, n_q, n_k, d_k, expected):
+    import attnlib.core as core
+
+    calls = []
+    sdpa = core.F.scaled_dot_product_attention
+    monkeypatch.setattr(core.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    q, k, v = operands(2, n_q=n_q, n_k=n_k, d_k=d_k)
+    fused, _ = attend(q, k, v)
+    assert bool(calls) == expected == core.takes_fused_path(n_q, n_k, d_k)
+    assert core.attention_matrix_bytes(2, n_q, n_k, d_k, fused=True) == (0 if expected else 2 * n_q * n_k * 4)
+    torch.testing.assert_close(fused, attend(q, k, v, fused=False)[0], rtol=0, atol=1e-5)

@@ -273,7 +273,7 @@ def test_formulas():
     assert position_attention_attention_memory(b, c, h, w, fused=True) == 0
     assert channel_attention_attention_memory(b, c, h, w) == b * c * c * 4
     assert channel_attention_attention_memory(b, c, 3, 3) == b * c * c * 4  # independent of H and W
-    assert channel_attention_attention_memory(b, c, h, w, fused=True) == 0
+    assert channel_attention_attention_memory(b, c, h, w, fused=True) == b * c * c * 4  # C keys < N channels: plain path
     head = dual_attention_head_flops(b, 32, h, w, channels=c, reduction=4)
     assert head["conv"] == 2 * b * n * 9 * (2 * 32 * c + 2 * c * c) + 2 * b * n * c * (4 + 4 + 16)
     assert head["matmul"] == 2 * b * n * n * (4 + c) + 4 * b * c * c * n
@@ -333,12 +333,13 @@ def test_head_flops_equal_counted(fused):
 
 def test_head_attention_memory_sums_its_modules_on_their_own_paths():
     head = DualAttentionHead(12, 8, reduction=4, fused=False)
-    assert head.attention_memory(2, 5, 7) == dual_attention_head_attention_memory(2, 12, 5, 7, channels=8)
+    assert head.attention_memory(2, 5, 7) == dual_attention_head_attention_memory(2, 12, 5, 7, channels=8, reduction=4)
     assert head.attention_memory(2, 5, 7) == 2 * (35 * 35 + 64) * 4
-    head.cam.fused = True
-    assert head.attention_memory(2, 5, 7) == 2 * 35 * 35 * 4
-    head.fused = True
-    assert head.attention_memory(2, 5, 7) == 0
+    head.pam.fused = True  # the PAM's 35 keys >= its 2 key channels: fused, nothing stored
+    assert head.attention_memory(2, 5, 7) == 2 * 64 * 4
+    head.fused = True  # the CAM's 8 keys < its 35 "channels": the core's plain path stores X anyway
+    assert head.attention_memory(2, 5, 7) == 2 * 64 * 4
+    assert dual_attention_head_attention_memory(2, 12, 5, 7, channels=8, reduction=4, fused=True) == 2 * 64 * 4
 
 
 def test_head_validates_its_settings_and_input():

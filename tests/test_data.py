@@ -35,6 +35,7 @@ from attnlib.data import (
     download,
     eval_transforms,
     load_split,
+    normalize_batch,
     train_transforms,
     verify,
 )
@@ -314,6 +315,31 @@ def test_eval_transforms_and_denormalize_round_trip() -> None:
     assert denormalize(out_image[None]).shape == (1, 192, 256, 3)
     with pytest.raises(ValueError):
         denormalize(torch.zeros(4, 8, 8))
+
+
+def test_flip_switch() -> None:
+    """No scale, full-size crop: flip=False returns the frame; flip=True mirrors image and label together."""
+    image, label = _block_sample(6)
+    outputs = set()
+    for flip in (False, True):
+        t = train_transforms(crop_size=(192, 256), scale_range=(1.0, 1.0), jitter=False, normalize=False, flip=flip)
+        for seed in range(8):
+            torch.manual_seed(seed)
+            out_image, out_label = t(image, label)
+            out_image = (out_image * 255).round().to(torch.uint8)  # back to the input's values
+            mirrored = torch.equal(out_image, image.flip(-1)) and torch.equal(out_label, label.flip(-1))
+            assert mirrored or (torch.equal(out_image, image) and torch.equal(out_label, label))
+            outputs.add((flip, mirrored))
+    assert outputs == {(False, False), (True, False), (True, True)}
+
+
+def test_normalize_batch_is_eval_transforms_on_a_batch() -> None:
+    images = torch.stack([_block_sample(k)[0] for k in range(3)])
+    out = normalize_batch(images)
+    assert type(out) is torch.Tensor and out.shape == (3, 3, 192, 256) and out.dtype == torch.float32
+    expected = torch.stack([eval_transforms()(tv_tensors.Image(i)) for i in images])
+    assert torch.equal(out, expected)
+    assert torch.equal(normalize_batch(images[0]), expected[0])
 
 
 def test_bad_transform_arguments() -> None:

@@ -210,17 +210,18 @@ def test_formulas():
     assert avg_both == {"conv": 4 * (2 * b * c * 4), "matmul": 0}
     assert simplified_nonlocal_flops(b, c, h, w) == {"conv": 2 * b * c * c, "matmul": 4 * b * n * c}
     assert context_block_attention_memory(b, c, h, w) == b * n * 4  # B×1×N, linear in N
-    assert context_block_attention_memory(b, c, h, w, fused=True) == 0
+    assert context_block_attention_memory(b, c, h, w, fused=True) == b * n * 4  # one query: the core's plain path
     assert context_block_attention_memory(b, c, h, w, pooling="avg") == 0
     assert simplified_nonlocal_attention_memory(b, c, h, w, bytes_per_element=2) == b * n * 2
-    assert simplified_nonlocal_attention_memory(b, c, h, w, fused=True) == 0
+    assert simplified_nonlocal_attention_memory(b, c, h, w, fused=True) == b * n * 4
     with pytest.raises(ValueError, match="fusions"):
         context_block_flops(b, c, h, w, fusions=())
 
 
-def test_methods_read_the_current_path():
+def test_methods_read_the_block_settings():
     block = ContextBlock(8)
-    assert block.attention_memory(1, 4, 4) == 0
-    block.fused = False
     assert block.attention_memory(1, 4, 4) == 16 * 4
+    block.fused = False  # a single query: both paths store the same 1×N weights
+    assert block.attention_memory(1, 4, 4) == 16 * 4
+    assert ContextBlock(8, pooling="avg").attention_memory(1, 4, 4) == 0
     assert SimplifiedNonLocal2d(8, fused=False).attention_memory(2, 3, 3, bytes_per_element=2) == 2 * 9 * 2

@@ -187,6 +187,9 @@ def test_flops_count_the_padded_map():
 def test_attention_memory_formula():
     # 1×512×256×128 at 8×8 (the official benchmark): G = 32·16 = 512 blocks of P = 64 positions.
     g, p = 512, 64
-    assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=(8, 8)) == (p * g * g + g * p * p) * 4
-    assert interlaced_sparse_attention_memory(1, 512, 250, 121, down_factor=8) == (p * g * g + g * p * p) * 4
-    assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=8, fused=True) == 0
+    kw = {"key_channels": 64}
+    assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=(8, 8), **kw) == (p * g * g + g * p * p) * 4
+    assert interlaced_sparse_attention_memory(1, 512, 250, 121, down_factor=8, **kw) == (p * g * g + g * p * p) * 4
+    assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=8, fused=True, **kw) == 0
+    # 256 key channels: the 64-position short-range groups take the core's plain path and store their P×P matrices
+    assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=8, fused=True, key_channels=256) == g * p * p * 4

@@ -1,6 +1,7 @@
 """Training loop, metrics and checkpoints: exact resumption, atomic writes, mIoU by hand."""
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import replace
@@ -8,8 +9,9 @@ from dataclasses import replace
 import pytest
 import torch
 from torch import nn
+from torchvision import tv_tensors
 
-from attnlib import train
+from attnlib import data, train
 from attnlib.data import IGNORE_INDEX, data_root
 from attnlib.models import build
 
@@ -118,26 +120,65 @@ def test_learning_rate_warmup_then_poly_to_zero():
     assert 0 < train.learning_rate(s, 99) < 0.01
 
 
-def test_augment_identity_geometry_reproduces_the_frame():
+def _frames(n: int = 5, h: int = 24, w: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A preloaded split as load_split returns it: uint8 images and uint8 labels."""
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (2, 3, 12, 16), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 12, (2, 12, 16), generator=g)
-    x, y = train.augment_batch(images, labels, (12, 16), torch.Generator().manual_seed(1),
-                               scale_range=(1.0, 1.0), flip=False, jitter=False)
-    assert torch.equal(y, labels)
-    assert torch.allclose(x, train._normalize(images), atol=1e-4)
+    return (torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=g),
+            torch.randint(0, IGNORE_INDEX + 1, (n, h, w), dtype=torch.uint8, generator=g))
 
 
-def test_augment_pads_with_ignore_and_is_reproducible():
-    images = torch.full((3, 3, 36, 48), 200, dtype=torch.uint8)
-    labels = torch.zeros(3, 36, 48, dtype=torch.long)
-    args = ((64, 80), torch.Generator().manual_seed(3))
-    x, y = train.augment_batch(images, labels, *args, scale_range=(0.5, 1.0))
-    assert x.shape == (3, 3, 64, 80) and x.dtype == torch.float32
-    assert y.shape == (3, 64, 80) and y.dtype == torch.int64
-    assert set(y.unique().tolist()) == {0, IGNORE_INDEX}  # the frame is smaller than the crop: padding is ignored
-    x2, y2 = train.augment_batch(images, labels, (64, 80), torch.Generator().manual_seed(3), scale_range=(0.5, 1.0))
+def test_training_batch_is_the_v2_pipeline_of_attnlib_data():
+    """Batch (seed, step) = data.train_transforms on each of its frames, under a seed from (seed, step)."""
+    images, labels = _frames()
+    t = data.train_transforms((16, 20), (0.5, 1.5))  # flip and jitter on: every random transform
+    x, y = train._train_batch(t, images, labels, seed=3, step=7, batch_size=3)
+    assert type(x) is torch.Tensor and x.shape == (3, 3, 16, 20) and x.dtype == torch.float32
+    assert type(y) is torch.Tensor and y.shape == (3, 16, 20) and y.dtype == torch.int64
+    torch.manual_seed(train._seed(3, train._AUGMENT, 7))
+    for k, i in enumerate(train._batch_indices(3, 7, len(images), 3).tolist()):
+        image, label = t(tv_tensors.Image(images[i]), tv_tensors.Mask(labels[i]))
+        assert torch.equal(x[k], image) and torch.equal(y[k], label)
+
+
+def test_augmentation_depends_on_seed_and_step_only():
+    images, labels = _frames()
+    t = data.train_transforms((16, 20), (0.5, 1.5))
+    torch.manual_seed(0)
+    x, y = train._train_batch(t, images, labels, 3, 7, 4)
+    torch.manual_seed(1)
+    torch.rand(1000)  # other random numbers drawn before: the batch must not change
+    state = torch.get_rng_state()
+    x2, y2 = train._train_batch(data.train_transforms((16, 20), (0.5, 1.5)), images, labels, 3, 7, 4)
     assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert torch.equal(torch.get_rng_state(), state)  # and the global stream (dropout's) is untouched
+    for seed, step in ((3, 8), (4, 7)):
+        assert not torch.equal(train._train_batch(t, images, labels, seed, step, 4)[0], x)
+
+
+def test_identity_augmentation_gives_the_evaluation_input():
+    """No scale, full-size crop, no flip, no jitter: training sees exactly what evaluation sees."""
+    images, labels = _frames()
+    t = data.train_transforms((24, 32), (1.0, 1.0), jitter=False, flip=False)
+    x, y = train._train_batch(t, images, labels, 0, 0, 5)
+    order = train._batch_indices(0, 0, 5, 5)
+    assert torch.equal(x, data.normalize_batch(images[order]))
+    assert torch.equal(y, labels[order].long())
+
+
+def test_fit_builds_the_augmentation_once_from_the_schedule(monkeypatch):
+    images, labels = _frames(n=4, h=36, w=48)
+    monkeypatch.setattr(train, "load_split", lambda split, root=None, limit=None: (images, labels, ["f"] * 4))
+    calls = []
+    real = train.train_transforms
+
+    def spy(*args, **kwargs):
+        calls.append(inspect.signature(real).bind(*args, **kwargs).arguments)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_transforms", spy)
+    s = replace(TINY, steps=3, checkpoint_every=0, scale_range=(0.75, 1.25), flip=False, jitter=False)
+    train.fit(_fresh_model(), s, eval_split=None, progress=False)
+    assert calls == [{"crop_size": (32, 48), "scale_range": (0.75, 1.25), "jitter": False, "flip": False}]
 
 
 # --------------------------------------------------------------------------- fit and checkpoints
