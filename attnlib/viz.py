@@ -92,14 +92,23 @@ def _photo(image: torch.Tensor) -> torch.Tensor:
     return denormalize(image.cpu()).clamp(0, 1)
 
 
+def _heat(amap: torch.Tensor, alpha: float) -> torch.Tensor:
+    """An H×W×4 overlay: colour from the map's own range, opacity growing with the value, so that
+    the photo stays visible wherever the query does not look."""
+    scaled = (amap - amap.min()) / (amap.max() - amap.min()).clamp(min=1e-12)
+    rgba = torch.as_tensor(plt.get_cmap("inferno")(scaled.numpy()), dtype=torch.float32)
+    rgba[..., 3] = alpha * scaled.sqrt()
+    return rgba
+
+
 def plot_attention(images: torch.Tensor, maps: torch.Tensor, queries: Sequence[tuple[int, int]],
-                   titles: Sequence[str] | None = None, alpha: float = 0.6, panel: float = 3.2) -> Figure:
+                   titles: Sequence[str] | None = None, alpha: float = 0.85, panel: float = 3.2) -> Figure:
     """One row per image, one column per query: the photo with the query's attention over it.
 
     ``images`` are B×3×H×W network inputs, ``maps`` B×Q×h×w attention on the feature grid
     (h×w, e.g. 45×60 at output stride 8).  Each map is upsampled bilinearly to the photo
     and shown with its own colour range (each panel answers "where does *this* query
-    look?"); the star marks the query's feature cell.
+    look?"), more opaque where the weight is higher; the star marks the query's feature cell.
     """
     b, q, h, w = maps.shape
     if images.shape[0] != b or len(queries) != q:
@@ -113,7 +122,7 @@ def plot_attention(images: torch.Tensor, maps: torch.Tensor, queries: Sequence[t
         for c, (i, j) in enumerate(queries):
             ax = axes[r, c]
             ax.imshow(photo)
-            ax.imshow(up[r, c], cmap="inferno", alpha=alpha)
+            ax.imshow(_heat(up[r, c], alpha))
             ax.scatter([(j + 0.5) * width / w - 0.5], [(i + 0.5) * height / h - 0.5], **QUERY_STYLE)
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
