@@ -57,13 +57,13 @@ MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 
 
 class NonLocal2d(nn.Module):
-    """The non-local block of Wang et al. (2018) for B×C×H×W feature maps.
+    r"""The non-local block of Wang et al. (2018) for B×C×H×W feature maps.
 
     Args:
         in_channels: C.
-        inter_channels: width of :math:`\\theta, \\phi, g` (default ``C // 2``, at least 1).
+        inter_channels: width of :math:`\theta, \phi, g` (default ``C // 2``, at least 1).
         mode: one of ``"embedded_gaussian"``, ``"gaussian"``, ``"dot_product"``, ``"concatenation"``.
-        sub_sample: max-pool :math:`\\phi` and :math:`g` by 2×2 (4× fewer keys).
+        sub_sample: max-pool :math:`\phi` and :math:`g` by 2×2 (4× fewer keys).
         bn: follow :math:`W_z` with a BatchNorm initialised to zero (else :math:`W_z` itself is zeroed).
         fused: compute eq. (1) on the fast path when no weights are asked for.
     """
