@@ -81,6 +81,10 @@ def attention_matrix_bytes(count: int, n_q: int, n_k: int, d_k: int, *, fused: b
     """Bytes of ``count`` N_q×N_k attention matrices as :func:`attend` stores them (0 when fused).
 
     The one rule every block's ``attention_memory`` formula uses, so formulas and core agree.
+    "Fused stores none" is what PyTorch's flash and memory-efficient kernels do.  One caveat,
+    PyTorch's and not ours: on a CPU (torch 2.14) the flash kernel needs ``d_v == d_k``;
+    otherwise (DANet's position attention, 64 vs 512) SDPA falls back to its math kernel,
+    which does store the matrix.
     """
     return 0 if takes_fused_path(n_q, n_k, d_k, fused=fused) else count * n_q * n_k * bytes_per_element
 
