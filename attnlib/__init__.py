@@ -6,6 +6,8 @@ block uses, analytic costs (:mod:`attnlib.complexity`), effective attention maps
 (:func:`attention_map`), and the CamVid data, models and training loop the chapters
 share (:mod:`attnlib.data`, :mod:`attnlib.models`, :mod:`attnlib.train`).
 """
+__version__ = "0.1.0"  # before the imports: attnlib.train records it in every checkpoint
+
 from . import complexity
 from .ann import AFNB, APNB, pyramid_sample
 from .ccnet import CrissCrossAttention, RecurrentCrissCross, criss_cross_mask
@@ -17,7 +19,6 @@ from .maps import attention_map
 from .nonlocal_block import NonLocal2d
 from .train import profile
 
-__version__ = "0.1.0"
 
 __all__ = [
     "AFNB", "APNB", "ChannelAttention", "ContextBlock", "CrissCrossAttention", "DualAttentionHead",

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["check_feature_map", "check_positive", "check_positive_pair", "check_query"]
+__all__ = ["check_feature_map", "check_positive", "check_positive_pair", "check_query", "reduced_channels"]
 
 
 def check_feature_map(x: object, channels: int | None, name: str) -> tuple[int, int, int, int]:
@@ -62,3 +62,12 @@ def check_query(query: object, height: int, width: int) -> tuple[int, int]:
             f"expected query (i, j) with 0 <= i < {height} and 0 <= j < {width} (the feature map is {height}x{width}), got {query!r}"
         )
     return i, j
+
+
+def reduced_channels(in_channels: int, reduction: object) -> int:
+    """``in_channels // reduction``, the query/key width of DANet's PAM and CCNet's CCA; at least 1."""
+    check_positive(reduction, "reduction")
+    if in_channels // reduction < 1:
+        raise ValueError(f"expected in_channels // reduction >= 1 (at least one query/key channel), "
+                         f"got {in_channels} // {reduction} = 0")
+    return in_channels // reduction

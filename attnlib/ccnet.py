@@ -63,7 +63,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_feature_map, check_positive, check_query
+from ._checks import check_feature_map, check_positive, check_query, reduced_channels
 from .core import attend
 
 __all__ = [
@@ -102,16 +102,12 @@ class CrissCrossAttention(nn.Module):
     def __init__(self, in_channels: int, reduction: int = 8, fused: bool = True) -> None:
         super().__init__()
         check_positive(in_channels, "in_channels")
-        check_positive(reduction, "reduction")
-        if in_channels < reduction:
-            raise ValueError(f"expected in_channels >= reduction (at least one query/key channel), "
-                             f"got in_channels={in_channels}, reduction={reduction}")
         self.in_channels, self.reduction, self.fused = in_channels, reduction, fused
-        self.key_channels = in_channels // reduction
+        self.key_channels = reduced_channels(in_channels, reduction)
         self.query = nn.Conv2d(in_channels, self.key_channels, 1)
         self.key = nn.Conv2d(in_channels, self.key_channels, 1)
         self.value = nn.Conv2d(in_channels, in_channels, 1)
-        self.gamma = nn.Parameter(torch.zeros(()))  # γ = 0: the block starts as the identity
+        self.gamma = nn.Parameter(torch.zeros(1))  # γ = 0: the block starts as the identity (official shape)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Q, K (B×C'×H×W) and V (B×C×H×W)."""
@@ -267,7 +263,7 @@ def _keys_per_query(height: int, width: int, fused: bool) -> int:
 
 
 def criss_cross_flops(batch: int, channels: int, height: int, width: int, *, reduction: int = 8,
-                      fused: bool = True) -> dict[str, int]:
+                      fused: bool = False) -> dict[str, int]:
     r"""FLOPs of one :class:`CrissCrossAttention` forward pass, 2 per multiply-add, as ``FlopCounterMode`` counts.
 
     With :math:`N = HW`, :math:`C' = C/r`:
@@ -281,7 +277,7 @@ def criss_cross_flops(batch: int, channels: int, height: int, width: int, *, red
     Example (speedinghzl/CCNet issue #2): at 1×512×97×97 with :math:`r = 8` one module costs
     :math:`2\cdot97^2\cdot512\cdot(64+64+512) + 2\cdot97^2\cdot194\cdot(64+512) \approx 8.27` GFLOPs.
     """
-    key_channels = channels // reduction
+    key_channels = reduced_channels(channels, reduction)
     n, m = height * width, _keys_per_query(height, width, fused)
     conv = 2 * batch * n * channels * (2 * key_channels + channels)
     matmul = 2 * batch * n * m * key_channels + 2 * batch * n * m * channels
@@ -289,7 +285,7 @@ def criss_cross_flops(batch: int, channels: int, height: int, width: int, *, red
 
 
 def criss_cross_attention_memory(batch: int, channels: int, height: int, width: int, *, reduction: int = 8,
-                                 fused: bool = True, bytes_per_element: int = 4) -> int:
+                                 fused: bool = False, bytes_per_element: int = 4) -> int:
     """Bytes of attention one :class:`CrissCrossAttention` pass stores: :math:`B\\cdot N\\cdot M` elements.
 
     :math:`M = H + W` on the factorised path (the B×H×W×(H+W) energies and weights), :math:`M = N = HW`
@@ -300,7 +296,7 @@ def criss_cross_attention_memory(batch: int, channels: int, height: int, width: 
 
 
 def recurrent_criss_cross_flops(batch: int, channels: int, height: int, width: int, *, reduction: int = 8,
-                                recurrence: int = 2, fused: bool = True) -> dict[str, int]:
+                                recurrence: int = 2, fused: bool = False) -> dict[str, int]:
     """FLOPs of :class:`RecurrentCrissCross`: ``recurrence`` times :func:`criss_cross_flops` (the weights
     are shared, the work is not).  At 1×512×97×97, R = 2: about 16.5 GFLOPs."""
     one = criss_cross_flops(batch, channels, height, width, reduction=reduction, fused=fused)
@@ -308,7 +304,7 @@ def recurrent_criss_cross_flops(batch: int, channels: int, height: int, width: i
 
 
 def recurrent_criss_cross_attention_memory(batch: int, channels: int, height: int, width: int, *, reduction: int = 8,
-                                           recurrence: int = 2, fused: bool = True, bytes_per_element: int = 4) -> int:
+                                           recurrence: int = 2, fused: bool = False, bytes_per_element: int = 4) -> int:
     """Bytes of attention :class:`RecurrentCrissCross` stores: ``recurrence`` times one module's, since a
     training pass keeps every loop's weights for the backward pass (inference needs one loop's at a time)."""
     return recurrence * criss_cross_attention_memory(batch, channels, height, width, reduction=reduction,

@@ -50,19 +50,17 @@ def _register_cpu_flash_attention() -> None:
     the fused path as 0 FLOPs.  We register torch's own SDPA formulas for it (forward and backward),
     unless a newer torch already has them.
     """
-    ops = torch.ops.aten
-    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", flop_counter.sdpa_flop_count),
-                          ("_scaled_dot_product_flash_attention_for_cpu_backward", flop_counter.sdpa_backward_flop_count)):
-        op = getattr(ops, name, None)
-        if op is None or op in flop_counter.flop_registry:
-            continue
-        if name.endswith("backward"):
-            def count(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-                return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-        else:
-            def count(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-                return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
-        flop_counter.register_flop_formula(op)(count)
+    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    for name, count in (("_scaled_dot_product_flash_attention_for_cpu", forward),
+                        ("_scaled_dot_product_flash_attention_for_cpu_backward", backward)):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None and op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op)(count)
 
 
 _register_cpu_flash_attention()

@@ -62,10 +62,12 @@ def _check_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             raise ValueError(
                 f"attend: expected a mask of shape {(n_q, n_k)} or {tuple(query.shape[:-1]) + (n_k,)}, got {tuple(mask.shape)}"
             )
+        if not mask.any(dim=-1).all():  # such a row is NaN on one path and 0 on the other
+            raise ValueError("attend: expected every query to keep at least one key, got a mask row that is all False")
 
 
 def takes_fused_path(n_q: int, n_k: int, d_k: int, *, fused: bool = True, need_weights: bool = False) -> bool:
-    """Whether :func:`attend` calls ``scaled_dot_product_attention`` for these sizes.
+    r"""Whether :func:`attend` calls ``scaled_dot_product_attention`` for these sizes.
 
     The fused kernels pay by never storing the :math:`N_q\times N_k` matrix.  With a single
     query (GCNet's global context), or fewer keys than query channels (DANet's channel

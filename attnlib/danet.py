@@ -69,7 +69,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_feature_map, check_positive, check_query
+from ._checks import check_feature_map, check_positive, check_query, reduced_channels
 from .core import attend, attention_matrix_bytes
 
 __all__ = [
@@ -86,14 +86,6 @@ __all__ = [
 ]
 
 
-def _key_channels(in_channels: int, reduction: object) -> int:
-    """Width of B and C, ``C // reduction`` as in the official code (``in_dim // 8``); at least 1."""
-    check_positive(reduction, "reduction")
-    if in_channels // reduction < 1:
-        raise ValueError(f"expected in_channels // reduction >= 1, got {in_channels} // {reduction} = 0")
-    return in_channels // reduction
-
-
 class PositionAttention(nn.Module):
     """DANet's position attention module (PAM), eqs. 1–2, for B×C×H×W feature maps.
 
@@ -107,7 +99,7 @@ class PositionAttention(nn.Module):
         super().__init__()
         self.in_channels = check_positive(in_channels, "in_channels")
         self.reduction, self.fused = reduction, fused
-        self.key_channels = _key_channels(in_channels, reduction)
+        self.key_channels = reduced_channels(in_channels, reduction)
         self.query_conv = nn.Conv2d(in_channels, self.key_channels, 1)  # C: the output position j
         self.key_conv = nn.Conv2d(in_channels, self.key_channels, 1)  # B: the positions i it attends to
         self.value_conv = nn.Conv2d(in_channels, in_channels, 1)  # D
@@ -287,7 +279,7 @@ def position_attention_flops(batch: int, channels: int, height: int, width: int,
     :math:`2BN^2d` and the aggregation :math:`2BN^2C` — the :math:`O(N^2C)` term.  The same on
     both paths; element-wise work (softmax, α, the residual) is not counted.
     """
-    d, n = _key_channels(channels, reduction), height * width
+    d, n = reduced_channels(channels, reduction), height * width
     return {"conv": 2 * batch * n * channels * (2 * d + channels),
             "matmul": 2 * batch * n * n * d + 2 * batch * n * n * channels}
 
@@ -297,7 +289,7 @@ def position_attention_attention_memory(batch: int, channels: int, height: int, 
     """Bytes of the B×N×N map S the reference path materialises — :math:`O(N^2)`; 0 on the fused path
     (see :func:`attnlib.core.takes_fused_path`)."""
     n = height * width
-    return attention_matrix_bytes(batch, n, n, _key_channels(channels, reduction), fused=fused,
+    return attention_matrix_bytes(batch, n, n, reduced_channels(channels, reduction), fused=fused,
                                   bytes_per_element=bytes_per_element)
 
 
@@ -339,7 +331,10 @@ def dual_attention_head_flops(batch: int, in_channels: int, height: int, width: 
 
 def dual_attention_head_attention_memory(batch: int, in_channels: int, height: int, width: int, *, channels: int,
                                          reduction: int = 8, fused: bool = False, bytes_per_element: int = 4) -> int:
-    """Bytes of the PAM's B×N×N and the CAM's B×C'×C' maps on the reference path; 0 on the fused path.
+    """Bytes of the PAM's B×N×N and the CAM's B×C'×C' maps, each by the core's rule.
+
+    On the fused path the PAM stores none, and the CAM still stores its small C'×C' map (see
+    :func:`channel_attention_attention_memory`).
 
     ``in_channels`` is accepted for a signature uniform with the other blocks; the maps do not depend on it.
     """

@@ -5,8 +5,8 @@ Usage::
     python -m attnlib.experiments --heads all --seeds 3 [--profile quick|full] [--out results]
 
 For each head (the FCN baseline included) and seed ``k`` it trains the network with
-:func:`attnlib.train.fit` — sharing :func:`attnlib.models.load_trained`'s checkpoint
-cache, so a finished run is not trained twice and an interrupted one resumes — and
+:func:`attnlib.models.load_trained` — so a finished run in its checkpoint cache is not
+trained twice and an interrupted one resumes — and
 writes ``<out>/<head>-seed<k>.json`` (atomically) with
 
 * ``test``: mIoU, per-class IoU by class name (``null`` for a class absent from both
@@ -37,8 +37,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import HEADS, build, cache_dir
-from .train import PROFILES, atomic_write, check_profile, fit, profile, seed_everything
+from .models import HEADS, load_trained
+from .train import PROFILES, atomic_write, check_profile, profile
 
 __all__ = ["count_flops", "main", "run"]
 
@@ -73,10 +73,7 @@ def run(head: str, seed: int, profile_name: str, out: str | os.PathLike, *, root
         checkpoint_dir: str | os.PathLike | None = None) -> dict:
     """Train (or load) one head with one seed under one profile and write its JSON record."""
     schedule = PROFILES[profile_name]
-    seed_everything(seed)
-    model = build(head)
-    checkpoint = cache_dir(checkpoint_dir) / f"{head}-{profile_name}-seed{seed}.pt"
-    result = fit(model, schedule, root=root, seed=seed, checkpoint=checkpoint)
+    model, result = load_trained(head, profile_name, root, checkpoint_dir, seed=seed)
     run_info, metrics = result["run"], result["metrics"]
     record = {
         "head": head,
@@ -94,7 +91,6 @@ def run(head: str, seed: int, profile_name: str, out: str | os.PathLike, *, root
         "device": run_info["device"],
         "torch": run_info["torch"],
         "git_commit": run_info["git_commit"],
-        "checkpoint": str(checkpoint),
         "curves": result["history"],
     }
     with atomic_write(Path(out) / f"{head}-seed{seed}.json", "w") as f:

@@ -4,22 +4,25 @@ r"""Effective attention maps: where does position (i, j) look?
 input position, as a B×H×W tensor the chapters overlay on the photo.  What "effective"
 means depends on the block, and each block documents its own method:
 
-====================================  ===========================================================
-block                                 map for query (i, j)
-====================================  ===========================================================
-``NonLocal2d``, ``PositionAttention``  the row of the full N×N attention matrix
+==========================================  ==================================================================================
+block                                       map for query (i, j)
+==========================================  ==================================================================================
+``NonLocal2d``, ``PositionAttention``       the row of the full N×N attention matrix (N×N/4, spread back, with ``sub_sample``)
+``DualAttentionHead``                       its position attention's row, on that module's own input
 ``ContextBlock``, ``SimplifiedNonLocal2d``  the one global softmax map — the same for every query
-``CrissCrossAttention``               the H+W−1 weights of row i and column j, scattered back
-``RecurrentCrissCross``               the loops' matrices composed, :math:`A_R\cdots A_1`, one row
-``AFNB``, ``APNB``                    each pooled bin's weight spread evenly over its pixels
-``InterlacedSparseAttention``         short-range ∘ long-range, :math:`A_{\text{short}}A_{\text{long}}`, one row
-====================================  ===========================================================
+``CrissCrossAttention``                     the H+W−1 weights of row i and column j, scattered back
+``RecurrentCrissCross``                     the loops' matrices composed, :math:`A_R\cdots A_1`, one row
+``AFNB``, ``APNB``                          each pooled bin's weight spread evenly over its pixels
+``InterlacedSparseAttention``               short-range ∘ long-range, :math:`A_{\text{short}}A_{\text{long}}`, one row
+==========================================  ==================================================================================
 
 Wherever a softmax makes the block's attention a distribution, the map sums to 1.  Channel
 attention (DANet's CAM) mixes channels, not positions, and has no spatial map: use
 :func:`attnlib.danet.channel_attention_map` for its C×C matrix.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -43,4 +46,16 @@ def attention_map(block: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], 
                if type(block).__name__ == "ChannelAttention" else "")
         )
     inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-    return method(*inputs, query)
+    expected = len(inspect.signature(method).parameters) - 1  # all but the query
+    if len(inputs) != expected:
+        raise ValueError(f"attention_map: expected {expected} input tensor(s) for {type(block).__name__}, "
+                         f"got {len(inputs)}")
+    # Computing a map must not change the model: a block in training mode would update its
+    # BatchNorm statistics on the way, so they are put back afterwards.
+    buffers = [(b, b.clone()) for b in block.buffers()]
+    try:
+        return method(*inputs, query)
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)

@@ -255,12 +255,13 @@ class Segmentor(nn.Module):
         _, _, h, w = check_feature_map(x, 3, "Segmentor")
         c3, c4 = self.backbone(x)
         features = self.head(c3, c4) if getattr(self.head, "uses_layer3", False) else self.head(c4)
-        logits = F.interpolate(self.classifier(features), size=(h, w), mode="bilinear", align_corners=False)
+        # Upsampled in float32: under bf16 autocast the argmax would otherwise see rounded logits.
+        logits = F.interpolate(self.classifier(features).float(), size=(h, w), mode="bilinear", align_corners=False)
         if not return_aux:
             return logits
         if self.aux_head is None:
             return logits, None
-        return logits, F.interpolate(self.aux_head(c3), size=(h, w), mode="bilinear", align_corners=False)
+        return logits, F.interpolate(self.aux_head(c3).float(), size=(h, w), mode="bilinear", align_corners=False)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.arch.items())

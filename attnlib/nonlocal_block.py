@@ -79,9 +79,8 @@ class NonLocal2d(nn.Module):
     ) -> None:
         super().__init__()
         check_positive(in_channels, "in_channels")
-        inter_channels = max(in_channels // 2, 1) if inter_channels is None else check_positive(inter_channels, "inter_channels")
-        if mode not in MODES:
-            raise ValueError(f"expected mode to be one of {MODES}, got {mode!r}")
+        inter_channels = _inter_channels(in_channels, inter_channels)
+        _check_mode(mode)
         self.in_channels, self.inter_channels = in_channels, inter_channels
         self.mode, self.sub_sample, self.fused = mode, sub_sample, fused
 
@@ -105,7 +104,7 @@ class NonLocal2d(nn.Module):
         else:
             theta, phi = self.theta(x), self.phi(x)
         phi, g = self.pool(phi), self.pool(self.g(x))
-        return (t.flatten(2).transpose(1, 2) for t in (theta, phi, g))
+        return tuple(t.flatten(2).transpose(1, 2) for t in (theta, phi, g))
 
     def _pairwise(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         """f(x_i, x_j) / C(x) for the two modes normalised by N (B×N×N_k)."""
@@ -125,10 +124,14 @@ class NonLocal2d(nn.Module):
         weights = self._pairwise(theta, phi)
         return torch.matmul(weights, g), (weights if need_weights else None)
 
-    def _forward(self, x: torch.Tensor, need_weights: bool):
-        b, _, h, w = check_feature_map(x, self.in_channels, type(self).__name__)
+    def _check(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+        b, c, h, w = check_feature_map(x, self.in_channels, type(self).__name__)
         if self.sub_sample and (h < 2 or w < 2):
             raise ValueError(f"NonLocal2d: sub_sample pools by 2x2, so expected H, W >= 2, got {h}x{w}")
+        return b, c, h, w
+
+    def _forward(self, x: torch.Tensor, need_weights: bool):
+        b, _, h, w = self._check(x)
         y, weights = self._aggregate(*self._embed(x), need_weights)
         y = y.transpose(1, 2).reshape(b, self.inter_channels, h, w)
         return self.out_norm(self.out_proj(y)) + x, weights  # z = W_z y + x  (eq. 6)
@@ -138,7 +141,8 @@ class NonLocal2d(nn.Module):
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """The matrix f(x_i, x_j)/C(x), B×N×N_k, N = HW; N_k = HW, or the pooled grid if ``sub_sample``."""
-        return self._forward(x, need_weights=True)[1]
+        self._check(x)
+        return self._aggregate(*self._embed(x), need_weights=True)[1]  # W_z and its BN play no part
 
     def attention_map(self, x: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
         r"""Row ``query`` of :meth:`attention_weights` laid out on the H×W input grid (B×H×W).
@@ -149,7 +153,7 @@ class NonLocal2d(nn.Module):
         row/column of an odd-sized map, which the pool drops, gets zero.  For the Gaussian modes
         the map sums to 1; for ``dot_product``/``concatenation`` it sums to whatever Σ_j f/N is.
         """
-        b, _, h, w = check_feature_map(x, self.in_channels, type(self).__name__)
+        b, _, h, w = self._check(x)
         i, j = check_query(query, h, w)
         row = self.attention_weights(x)[:, i * w + j]
         if not self.sub_sample:
@@ -174,6 +178,17 @@ class NonLocal2d(nn.Module):
                 f"sub_sample={self.sub_sample}, fused={self.fused}")
 
 
+def _inter_channels(channels: int, inter_channels: int | None) -> int:
+    """The width d of θ, φ, g: ``C // 2`` by default (the paper's choice), at least 1."""
+    return max(channels // 2, 1) if inter_channels is None else check_positive(inter_channels, "inter_channels")
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"expected mode to be one of {MODES}, got {mode!r}")
+    return mode
+
+
 def _num_keys(height: int, width: int, sub_sample: bool) -> int:
     return (height // 2) * (width // 2) if sub_sample else height * width
 
@@ -189,8 +204,9 @@ def nonlocal_flops(batch: int, channels: int, height: int, width: int, *, inter_
     at segmentation resolutions.  The fused ``dot_product`` path reassociates to
     :math:`2BN_k d^2 + 2BNd^2`.  Element-wise work (softmax, BN, the residual) is not counted.
     """
-    d = max(channels // 2, 1) if inter_channels is None else inter_channels
+    d = _inter_channels(channels, inter_channels)
     n, n_k = height * width, _num_keys(height, width, sub_sample)
+    _check_mode(mode)
     embeddings = 1 if mode == "gaussian" else 3  # g, plus θ and φ unless raw features are compared
     conv = 2 * batch * n * channels * d * embeddings + 2 * batch * n * d * channels
     d_k = channels if mode == "gaussian" else d
@@ -213,9 +229,9 @@ def nonlocal_attention_memory(batch: int, channels: int, height: int, width: int
     ``concatenation`` always forms it.
     """
     n, n_k = height * width, _num_keys(height, width, sub_sample)
-    if mode == "dot_product":
+    if _check_mode(mode) == "dot_product":
         return 0 if fused else batch * n * n_k * bytes_per_element
     if mode == "concatenation":
         return batch * n * n_k * bytes_per_element
-    d_k = channels if mode == "gaussian" else (max(channels // 2, 1) if inter_channels is None else inter_channels)
+    d_k = channels if mode == "gaussian" else _inter_channels(channels, inter_channels)
     return attention_matrix_bytes(batch, n, n_k, d_k, fused=fused, bytes_per_element=bytes_per_element)

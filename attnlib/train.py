@@ -4,8 +4,10 @@ Two profiles share one code path and differ only in their :class:`Schedule`:
 
 * ``"quick"`` — a CPU smoke run (tens of seconds per model, small crops, a few
   test images).  Its mIoU says the pipeline works, **not** how good a head is.
-* ``"full"`` — the real run on one GPU (about five minutes per model on an H100,
-  the whole test set).  The figures a chapter prints come from this profile.
+* ``"full"`` — the real run on one GPU, evaluated on the whole test set; sized for
+  about five minutes per model on an H100 (an estimate: not yet measured).  The
+  chapters are written for this profile, and each prints which profile produced
+  its stored outputs.
 
 :func:`profile` picks ``"full"`` when CUDA is available, else ``"quick"``; the
 environment variable ``ATTNLIB_PROFILE`` overrides it.
@@ -54,6 +56,7 @@ from torch import nn
 from torchvision import tv_tensors
 from tqdm import tqdm
 
+from . import __version__
 from .data import CLASSES, IGNORE_INDEX, NUM_CLASSES, load_split, normalize_batch, train_transforms
 
 __all__ = [
@@ -339,8 +342,12 @@ def _show(progress: bool | None) -> bool:
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; plain float32 elsewhere (CPU autocast would only slow this down)."""
-    if device.type == "cuda":
+    """bf16 autocast on a GPU with native bf16 (Ampere or newer); plain float32 elsewhere.
+
+    Older GPUs (Colab's T4, V100) only emulate bf16, and PyTorch's fused attention kernels
+    refuse it there; on a CPU autocast would only slow this network down.
+    """
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -432,14 +439,16 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, device: str | torch.device | None = None) -> dict:
+def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict:
     """Load the weights of checkpoint ``path`` into ``model`` and return the checkpoint dict.
 
     Uses ``torch.load(weights_only=True)``.  Raises ``ValueError`` naming the difference
     if the checkpoint was written for another architecture (e.g. "expected head
     'nonlocal', got 'fcn'"), before any weight is touched.
     """
-    ckpt = torch.load(path, map_location=device or "cpu", weights_only=True)
+    # Loaded on the CPU: load_state_dict copies weights and moments onto the parameters' device,
+    # while AdamW's step counters must stay on the CPU (on a GPU each would cost a host sync per step).
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     expected, got = _arch(model), ckpt["arch"]
     if expected != got:
         diffs = "; ".join(f"expected {k} {expected.get(k)!r}, got {got.get(k)!r}"
@@ -536,7 +545,9 @@ def fit(
         seconds (summed over resumed sessions) and peak memory.
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = {"schedule": asdict(schedule), "seed": seed,
+    # The code version is part of the configuration, so a checkpoint cached by another
+    # version of attnlib (another head or augmentation) is never silently reused.
+    config = {"schedule": asdict(schedule), "seed": seed, "attnlib": f"{__version__}/{CHECKPOINT_FORMAT}",
               "class_weights": None if class_weights is None else [float(w) for w in class_weights]}
     model.to(device, memory_format=torch.channels_last)
     if device.type == "cuda":
@@ -548,7 +559,7 @@ def fit(
     run = {"train_seconds": 0.0, "train_images": 0, "wall_seconds": 0.0, "peak_memory": None}
 
     if checkpoint is not None and resume and Path(checkpoint).exists():
-        ckpt = load_checkpoint(checkpoint, model, device)
+        ckpt = load_checkpoint(checkpoint, model)
         if ckpt["config"] != config:
             raise ValueError(f"checkpoint {checkpoint} was written with another configuration: expected "
                              f"{config}, got {ckpt['config']}; use resume=False (or another file) to start afresh")

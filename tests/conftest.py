@@ -1,12 +1,18 @@
 """Helpers shared by the block tests: FLOP counting, the fused switch, devices."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from attnlib.core import set_fused  # noqa: F401  (re-exported for the tests)
+
+# The test-suite (and the notebooks nbval runs, which inherit the environment) uses the quick
+# profile even on a GPU machine, unless the caller asks for another.
+os.environ.setdefault("ATTNLIB_PROFILE", "quick")
 
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none is present on this machine")

@@ -55,6 +55,7 @@ CASES = [
     Case("simplified-nonlocal", _make("gcnet", "SimplifiedNonLocal2d", C), identity_at_init=True),
     Case("pam", _make("danet", "PositionAttention", C), identity_at_init=True),
     Case("cam", _make("danet", "ChannelAttention", C), identity_at_init=True, map_is_distribution=None, memory="channel"),
+    Case("dual-head", _make("danet", "DualAttentionHead", C, C)),
     Case("cca", _make("ccnet", "CrissCrossAttention", C), identity_at_init=True),
     Case("rcca", _make("ccnet", "RecurrentCrissCross", C, recurrence=2), identity_at_init=True),
     Case("apnb", _make("ann", "APNB", C, C, 8, 8, pool_sizes=(1, 2, 3))),
@@ -206,3 +207,22 @@ def test_cuda_and_channels_last_match_cpu(case):
             torch.testing.assert_close(out.cpu(), expected, rtol=1e-3, atol=1e-3)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             assert torch.isfinite(gpu(*(t.cuda() for t in inputs))).all()
+
+
+@pytest.mark.parametrize("case", cases(lambda c: c.map_is_distribution is not None))
+def test_attention_map_leaves_the_block_unchanged_in_training_mode(case):
+    block = randomize_(case.make()).train()
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    inputs = case.inputs(2, 7, 11)
+    attnlib.attention_map(block, inputs if len(inputs) > 1 else inputs[0], (3, 4))
+    after = block.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("case", cases(lambda c: c.map_is_distribution is not None))
+def test_attention_map_refuses_the_wrong_number_of_inputs(case):
+    block = case.make().eval()
+    inputs = case.inputs(1, 7, 11)
+    wrong = inputs[-1] if len(inputs) > 1 else (inputs[0], inputs[0])
+    with pytest.raises(ValueError, match="input tensor"):
+        attnlib.attention_map(block, wrong, (0, 0))

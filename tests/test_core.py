@@ -86,6 +86,7 @@ def test_refuses_operands_that_would_broadcast(shapes, pattern):
     (torch.ones(7, 9), "boolean"),
     (torch.ones(9, 7, dtype=torch.bool), "shape"),
     (torch.ones(1, 7, 9, dtype=torch.bool), "shape"),
+    (torch.ones(7, 9, dtype=torch.bool).index_fill_(0, torch.tensor([3]), False), "at least one key"),
 ])
 def test_refuses_bad_masks(mask, pattern):
     q, k, v = operands(2)

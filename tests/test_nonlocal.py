@@ -94,6 +94,8 @@ def test_bad_arguments():
         NonLocal2d(8, inter_channels=0)
     with pytest.raises(ValueError, match="H, W >= 2"):
         NonLocal2d(8, sub_sample=True)(torch.randn(1, 8, 1, 5))
+    with pytest.raises(ValueError, match="mode"):
+        attnlib.complexity.nonlocal_flops(1, 8, 4, 4, mode="cosine")
 
 
 def test_flops_at_97x97_worked_example():

@@ -177,7 +177,7 @@ def test_fit_builds_the_augmentation_once_from_the_schedule(monkeypatch):
 
     monkeypatch.setattr(train, "train_transforms", spy)
     s = replace(TINY, steps=3, checkpoint_every=0, scale_range=(0.75, 1.25), flip=False, jitter=False)
-    train.fit(_fresh_model(), s, eval_split=None, progress=False)
+    train.fit(_fresh_model(), s, eval_split=None, progress=False, device="cpu")
     assert calls == [{"crop_size": (32, 48), "scale_range": (0.75, 1.25), "jitter": False, "flip": False}]
 
 
@@ -210,7 +210,7 @@ def finished(tmp_path_factory):
     """A finished tiny run: its checkpoint and the trained model."""
     path = tmp_path_factory.mktemp("ckpt") / "fcn.pt"
     model = _fresh_model()
-    result = train.fit(model, TINY, checkpoint=path, eval_split=None, progress=False)
+    result = train.fit(model, TINY, checkpoint=path, eval_split=None, progress=False, device="cpu")
     return path, model, result
 
 
@@ -227,10 +227,10 @@ def test_resume_is_exact(tmp_path, finished):
 
     path = tmp_path / "interrupted.pt"
     with pytest.raises(Interrupt):
-        train.fit(_fresh_model(), TINY, checkpoint=path, eval_split=None, progress=False, log=interrupt)
+        train.fit(_fresh_model(), TINY, checkpoint=path, eval_split=None, progress=False, device="cpu", log=interrupt)
     assert not torch.load(path, weights_only=True)["complete"]
     resumed = _fresh_model(seed=123)  # other initial weights: everything must come from the checkpoint
-    result = train.fit(resumed, TINY, checkpoint=path, eval_split=None, progress=False)
+    result = train.fit(resumed, TINY, checkpoint=path, eval_split=None, progress=False, device="cpu")
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert result["history"]["loss"] == straight_result["history"]["loss"]
@@ -242,17 +242,17 @@ def test_finished_checkpoint_is_loaded_not_retrained(finished, monkeypatch):
     path, trained, result = finished
     monkeypatch.setattr(train, "load_split", lambda *a, **k: pytest.fail("a finished run must not load data"))
     model = _fresh_model(seed=7)
-    again = train.fit(model, TINY, checkpoint=path, eval_split=None, progress=False)
+    again = train.fit(model, TINY, checkpoint=path, eval_split=None, progress=False, device="cpu")
     assert again["history"] == result["history"]
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values()))
     with pytest.raises(ValueError, match="another configuration"):
-        train.fit(_fresh_model(), TINY, seed=1, checkpoint=path, eval_split=None, progress=False)
+        train.fit(_fresh_model(), TINY, seed=1, checkpoint=path, eval_split=None, progress=False, device="cpu")
 
 
 @requires_data
 def test_checkpoint_of_another_architecture_is_refused(tmp_path, finished):
     path = tmp_path / "fcn.pt"
-    train.fit(build("fcn"), replace(TINY, steps=1, checkpoint_every=0), checkpoint=path, eval_split=None, progress=False)
+    train.fit(build("fcn"), replace(TINY, steps=1, checkpoint_every=0), checkpoint=path, eval_split=None, progress=False, device="cpu")
     with pytest.raises(ValueError, match="expected head 'nonlocal', got 'fcn'"):
         train.load_checkpoint(path, build("nonlocal"))
     with pytest.raises(ValueError, match="expected aux False, got True"):
@@ -273,7 +273,7 @@ def test_checkpoint_write_is_atomic(finished, monkeypatch):
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        train.fit(_fresh_model(), replace(TINY, steps=1), checkpoint=path, resume=False, eval_split=None, progress=False)
+        train.fit(_fresh_model(), replace(TINY, steps=1), checkpoint=path, resume=False, eval_split=None, progress=False, device="cpu")
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left
     assert torch.load(path, weights_only=True)["complete"]
