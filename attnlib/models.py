@@ -247,10 +247,6 @@ class Segmentor(nn.Module):
             nn.init.normal_(cls.weight, std=0.01)  # mmseg's init of the final 1×1 conv
             nn.init.zeros_(cls.bias)
 
-    @property
-    def head_name(self) -> str:
-        return self.arch["head"]
-
     def forward(self, x: torch.Tensor, return_aux: bool = False):
         _, _, h, w = check_feature_map(x, 3, "Segmentor")
         c3, c4 = self.backbone(x)

@@ -130,6 +130,9 @@ class Schedule:
         for field in ("steps", "batch_size", "eval_batch_size", "log_every"):
             if getattr(self, field) < 1:
                 raise ValueError(f"Schedule.{field}: expected a positive int, got {getattr(self, field)!r}")
+        for field in ("train_limit", "eval_limit"):
+            if getattr(self, field) is not None and getattr(self, field) < 1:
+                raise ValueError(f"Schedule.{field}: expected None or a positive int, got {getattr(self, field)!r}")
 
 
 # Why AdamW (both profiles): the network trains from scratch (no ImageNet weights), on 367

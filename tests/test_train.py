@@ -291,3 +291,10 @@ def test_atomic_write_keeps_the_old_file_and_normal_permissions(tmp_path):
         raise RuntimeError("interrupted")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("batch_size", 0), ("train_limit", 0), ("eval_limit", -1),
+                                          ("optimizer", "adam")])
+def test_schedule_refuses_bad_settings(field, value):
+    with pytest.raises(ValueError, match=f"Schedule.{field}"):
+        replace(TINY, **{field: value})
