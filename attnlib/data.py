@@ -149,14 +149,22 @@ def data_root(root: PathLike | None = None) -> Path:
     The cache is ``$XDG_CACHE_HOME/attnlib/camvid`` when ``XDG_CACHE_HOME`` is
     set, otherwise ``~/.cache/attnlib/camvid``.  Nothing is created or checked.
     """
-    if root is not None:
-        return Path(root).expanduser()
-    env = os.environ.get("ATTNLIB_DATA")
+    return user_folder(root, "ATTNLIB_DATA", "camvid")
+
+
+def user_folder(explicit: PathLike | None, env_var: str, name: str) -> Path:
+    """``explicit``, else ``$env_var``, else ``$XDG_CACHE_HOME/attnlib/<name>`` (``~/.cache/attnlib/<name>``).
+
+    The one rule for every folder attnlib keeps for its user: the data, the trained models.
+    """
+    if explicit is not None:
+        return Path(explicit).expanduser()
+    env = os.environ.get(env_var)
     if env:
         return Path(env).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME")
     base = Path(cache).expanduser() if cache else Path.home() / ".cache"
-    return base / "attnlib" / "camvid"
+    return base / "attnlib" / name
 
 
 def _layout_help(root: Path) -> str:

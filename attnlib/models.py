@@ -46,6 +46,7 @@ from torch import nn
 
 from . import train
 from ._checks import check_feature_map
+from .data import user_folder
 from .ann import AFNB, APNB
 from .ccnet import RecurrentCrissCross
 from .danet import DualAttentionHead
@@ -271,12 +272,7 @@ def build(name: str, num_classes: int = 11, pretrained: bool = False, aux: bool 
 def cache_dir(checkpoint_dir: str | os.PathLike | None = None) -> Path:
     """Where trained models are cached: the argument, else ``$ATTNLIB_CHECKPOINTS``,
     else ``$XDG_CACHE_HOME/attnlib/checkpoints`` (``~/.cache/attnlib/checkpoints``)."""
-    if checkpoint_dir is not None:
-        return Path(checkpoint_dir)
-    if os.environ.get("ATTNLIB_CHECKPOINTS"):
-        return Path(os.environ["ATTNLIB_CHECKPOINTS"])
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "attnlib" / "checkpoints"
+    return user_folder(checkpoint_dir, "ATTNLIB_CHECKPOINTS", "checkpoints")
 
 
 def load_trained(name: str, profile: str | None = None, root: str | os.PathLike | None = None,

@@ -1,4 +1,4 @@
-"""Helpers shared by the block tests: FLOP counting, the fused switch, devices."""
+"""Helpers shared by the tests: FLOP counting, the fused switch, devices, the data."""
 from __future__ import annotations
 
 import os
@@ -9,12 +9,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from attnlib.core import set_fused  # noqa: F401  (re-exported for the tests)
+from attnlib.data import data_root
 
 # The test-suite (and the notebooks nbval runs, which inherit the environment) uses the quick
 # profile even on a GPU machine, unless the caller asks for another.
 os.environ.setdefault("ATTNLIB_PROFILE", "quick")
 
 CUDA = torch.cuda.is_available()
+requires_data = pytest.mark.skipif(not (data_root() / "train.txt").is_file(),
+                                   reason="CamVid not found: set ATTNLIB_DATA to the data folder")
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none is present on this machine")
 
 

@@ -8,10 +8,8 @@ import torch
 import torchvision
 
 from attnlib import models, train
-from attnlib.data import data_root
+from conftest import requires_data
 
-requires_data = pytest.mark.skipif(not (data_root() / "train.txt").is_file(),
-                                   reason="CamVid not found: set ATTNLIB_DATA to the data folder")
 
 
 def test_dilated_resnet18_has_output_stride_8():

@@ -12,11 +12,10 @@ from torch import nn
 from torchvision import tv_tensors
 
 from attnlib import data, train
-from attnlib.data import IGNORE_INDEX, data_root
+from attnlib.data import IGNORE_INDEX
 from attnlib.models import build
+from conftest import requires_data
 
-requires_data = pytest.mark.skipif(not (data_root() / "train.txt").is_file(),
-                                   reason="CamVid not found: set ATTNLIB_DATA to the data folder")
 
 # A few steps on a few 32×48 crops: the whole loop, in about a second on a CPU.
 TINY = train.Schedule(name="tiny", steps=4, batch_size=2, crop_size=(32, 48), lr=1e-3, weight_decay=1e-2,
