@@ -269,6 +269,9 @@ class Diagram:
                                         zorder=4, gid=f"label:{node.name}")
             extent = labels[node.name].get_window_extent()
             w, h = extent.width / fig.dpi, extent.height / fig.dpi
+            if node.kind == "symbol" and max(w, h) > 2 * RADIUS:
+                raise ValueError(f"Diagram.draw: expected the symbol of {node.name!r} to fit its circle "
+                                 f"({2 * RADIUS} in), got {node.label!r}, {max(w, h):.2f} in; use an \"op\" box")
             node.half = ((RADIUS, RADIUS) if node.kind == "symbol" else
                          (max(w / 2 + PAD_X, MIN_BOX[0] / 2), max(h / 2 + PAD_Y, MIN_BOX[1] / 2)))
         self._check_overlaps()
@@ -369,7 +372,8 @@ def nonlocal_block(channels: int = 128, inter: int = 64, height: int = 45, width
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"nonlocal_block: expected {name} to be a positive int, got {value!r}")
     if sub_sample and (height < 2 or width < 2):
-        raise ValueError(f"nonlocal_block: sub_sample pools by 2×2, so expected height, width >= 2, got {height}×{width}")
+        raise ValueError(f"nonlocal_block: sub_sample pools by 2×2, so expected height, width >= 2, "
+                         f"got {height}×{width}")
     n = height * width
     keys = (height // 2) * (width // 2) if sub_sample else n
     c, d, p = channels, inter, int(sub_sample)  # p: the extra row the pooling takes
@@ -392,7 +396,7 @@ def nonlocal_block(channels: int = 128, inter: int = 64, height: int = 45, width
     scores = dia.node("scores", r"$\times$", row=2 + p, col=0.5, kind="symbol")
     softmax = dia.node("softmax", "softmax over each row", row=3 + p, col=0.5, kind="attention")
     mix = dia.node("mix", r"$\times$", row=4 + p, col=0.5, kind="symbol")
-    w_z = dia.node("w_z", f"$W_z$: 1×1 conv, BN (zero-init)", row=5 + p, col=0.5)
+    w_z = dia.node("w_z", "$W_z$: 1×1 conv, BN (zero-init)", row=5 + p, col=0.5)
     add = dia.node("add", "+", row=6 + p, col=0.5, kind="symbol")
     z = dia.node("z", "$z$", shape=f"{c}×{grid}", row=7 + p, col=0.5, kind="tensor")
     dia.edge(theta, scores, label=f"{n}×{d}")

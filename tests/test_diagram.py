@@ -83,7 +83,7 @@ def criss_cross() -> Diagram:
 
 # (figure, nodes, edges, labelled edges, edge labels that must appear)
 CASES = {
-    "nonlocal": (lambda: nonlocal_block(), 10, 12, 7, {"2700×64", "64×2700", "2700×2700", "64×45×60", "128×45×60"}),
+    "nonlocal": (nonlocal_block, 10, 12, 7, {"2700×64", "64×2700", "2700×2700", "64×45×60", "128×45×60"}),
     "nonlocal_sub_sample": (lambda: nonlocal_block(sub_sample=True), 12, 14, 9,
                             {"2700×64", "64×660", "2700×660", "660×64"}),
     "context_block": (lambda: context_block().draw(), 9, 10, 7, {"N×1", "C×N", "rC×1×1"}),
@@ -212,6 +212,7 @@ def test_input_errors(call, message):
     (lambda d: d.node("c", "c", row=0, col=0.3), "'a' and 'c' overlapping"),
     (lambda d: (d.node("c", "c", row=2, col=0), d.edge("a", "c")), "crossing 'b'"),
     (lambda d: [d.node(f"n{i}", "n", row=2, col=i) for i in range(7)], "at most 11.6 in wide"),
+    (lambda d: d.node("c", "matrix product", row=2, col=0, kind="symbol"), "fit its circle"),
 ])
 def test_draw_errors_leave_no_figure(build, message):
     d = two_nodes()
