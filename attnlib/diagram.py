@@ -356,12 +356,13 @@ def _crosses(p: tuple[float, float], q: tuple[float, float], box: tuple[float, f
 
 
 def nonlocal_block(channels: int = 128, inter: int = 64, height: int = 45, width: int = 60,
-                   sub_sample: bool = False) -> Figure:
+                   sub_sample: bool = False, use_scale: bool = True) -> Figure:
     r"""The embedded-Gaussian non-local block (:class:`attnlib.NonLocal2d`) with its tensor shapes.
 
     Drawn after Wang et al. (2018, Fig. 2) for one image (batch dimension left out):
     :math:`\theta, \phi, g` are 1×1 convolutions C→d, flattened to N×d (N = HW);
-    :math:`S = \theta\phi^\top` is N×N; :math:`A` is its softmax over each row;
+    :math:`S = \theta\phi^\top` is N×N; :math:`A` is its softmax over each row (of
+    :math:`S/\sqrt{d}` with ``use_scale``, as :class:`attnlib.NonLocal2d` by default);
     :math:`Y = A g` is N×d, reshaped to d×H×W; :math:`W_z` (1×1 conv d→C, then BatchNorm
     initialised to zero) brings it back to C channels and the residual gives
     :math:`z = W_z y + x`.  The defaults are the book's trained head: C = 128, d = 64 on a
@@ -394,7 +395,8 @@ def nonlocal_block(channels: int = 128, inter: int = 64, height: int = 45, width
         dia.edge(g, g_pool, label=f"{d}×{grid}")
         phi, g = phi_pool, g_pool  # the keys and values now come from the pooled grid
     scores = dia.node("scores", r"$\times$", row=2 + p, col=0.5, kind="symbol")
-    softmax = dia.node("softmax", "softmax over each row", row=3 + p, col=0.5, kind="attention")
+    logits = r"softmax of $S/\sqrt{d}$, each row" if use_scale else "softmax over each row"
+    softmax = dia.node("softmax", logits, row=3 + p, col=0.5, kind="attention")
     mix = dia.node("mix", r"$\times$", row=4 + p, col=0.5, kind="symbol")
     w_z = dia.node("w_z", "$W_z$: 1×1 conv, BN (zero-init)", row=5 + p, col=0.5)
     add = dia.node("add", "+", row=6 + p, col=0.5, kind="symbol")

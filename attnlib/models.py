@@ -18,7 +18,7 @@ stage has 512 channels where ResNet-50's has 2048: mmseg's ``channels=512`` beco
 ``HEADS``      head (after mmseg)
 =============  =====================================================================================
 ``fcn``        FCNHead: 3×3 conv 512→128, 3×3 conv 128→128, concat the input, 3×3 conv → 128
-``nonlocal``   NLHead: conv, ``NonLocal2d(128, 64)`` (no 1/√d, as the paper; mmseg scales), conv, concat, conv
+``nonlocal``   NLHead: conv, ``NonLocal2d(128, 64)`` (logits scaled by 1/√d, as mmseg and the authors' code), conv, concat, conv
 ``gcnet``      GCHead: conv, ``ContextBlock(128, 1/4, "att", ("add",))``, conv, concat, conv
 ``danet``      DAHead (:class:`attnlib.danet.DualAttentionHead`): (conv, PAM, conv) + (conv, CAM, conv)
 ``ccnet``      CCHead: conv, ``RecurrentCrissCross(128, recurrence=2)``, conv, concat, conv

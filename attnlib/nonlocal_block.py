@@ -27,12 +27,26 @@ The paper gives four pairwise functions :math:`f` with their normalisers
 
 with :math:`\theta(x_i) = W_\theta x_i` and :math:`\phi(x_j) = W_\phi x_j` (1×1 convolutions).
 For the two Gaussian forms :math:`f/\mathcal{C}` is a softmax over :math:`j`: the block is
-softmax self-attention with :math:`Q=\theta(x)`, :math:`K=\phi(x)`, :math:`V=g(x)` and
-**no** :math:`1/\sqrt{d}` scaling (the paper has none; many libraries add it).
+softmax self-attention with :math:`Q=\theta(x)`, :math:`K=\phi(x)`, :math:`V=g(x)`.
+
+Three choices where the paper's text, the authors' code (facebookresearch/video-nonlocal-net)
+and mmcv/mmseg differ, each a switch here:
+
+* **the logit scale** (``use_scale``).  The paper's equations have no :math:`1/\sqrt{d}`; the
+  authors' code (``USE_SCALE = True``) and mmcv's ``NonLocal2d`` (``use_scale=True``, which
+  mmseg's ``NLHead`` uses) multiply the embedded-Gaussian logits by :math:`d^{-1/2}`.  The
+  default follows the code; ``use_scale=False`` is the paper's equation.
+* **where sub-sampling pools** (``pool_input``).  The paper's text and mmcv max-pool
+  :math:`\phi(x)` and :math:`g(x)`; the authors' code max-pools :math:`x` *before* the
+  :math:`\phi` and :math:`g` convolutions (``USE_MAXPOOL``), which is cheaper and gives a
+  different output (a max does not commute with a convolution).  Default: the paper's.
+* **the initialisation of** :math:`\theta, \phi, g` (``init_std``).  The authors' code and
+  mmcv draw them from :math:`\mathcal{N}(0, 0.01^2)`; the default keeps PyTorch's
+  (Kaiming-uniform), like every other layer of the book's network, which trains from scratch.
 
 Where each equation lives below:
 
-* :math:`\theta, \phi, g` and the optional 2×2 max-pool of :math:`\phi, g`
+* :math:`\theta, \phi, g` and the optional 2×2 max-pool of the keys and values
   (the paper's "subsampling" trick, Sec. 3.3) — :meth:`NonLocal2d._embed`;
 * eq. (1) for the Gaussian forms — the call to :func:`attnlib.core.attend` in
   :meth:`NonLocal2d._aggregate`; for ``dot_product`` the same sum, reassociated as
@@ -63,7 +77,14 @@ class NonLocal2d(nn.Module):
         in_channels: C.
         inter_channels: width of :math:`\theta, \phi, g` (default ``C // 2``, at least 1).
         mode: one of ``"embedded_gaussian"``, ``"gaussian"``, ``"dot_product"``, ``"concatenation"``.
-        sub_sample: max-pool :math:`\phi` and :math:`g` by 2×2 (4× fewer keys).
+        sub_sample: max-pool the keys and values by 2×2 (4× fewer keys).
+        pool_input: with ``sub_sample``, pool :math:`x` before the :math:`\phi` and :math:`g`
+            convolutions (the authors' code) instead of pooling :math:`\phi(x)` and :math:`g(x)`
+            (the paper's text, mmcv).
+        use_scale: multiply the embedded-Gaussian logits by :math:`d^{-1/2}` (the authors' code,
+            mmcv, mmseg); ``False`` is the paper's equation.
+        init_std: draw :math:`\theta, \phi, g` from :math:`\mathcal{N}(0, \text{init\_std}^2)` with zero
+            bias (the authors' code and mmcv use 0.01); ``None`` keeps PyTorch's initialisation.
         bn: follow :math:`W_z` with a BatchNorm initialised to zero (else :math:`W_z` itself is zeroed).
         fused: compute eq. (1) on the fast path when no weights are asked for.
     """
@@ -74,6 +95,9 @@ class NonLocal2d(nn.Module):
         inter_channels: int | None = None,
         mode: str = "embedded_gaussian",
         sub_sample: bool = False,
+        pool_input: bool = False,
+        use_scale: bool = True,
+        init_std: float | None = None,
         bn: bool = True,
         fused: bool = True,
     ) -> None:
@@ -81,8 +105,18 @@ class NonLocal2d(nn.Module):
         check_positive(in_channels, "in_channels")
         inter_channels = _inter_channels(in_channels, inter_channels)
         _check_mode(mode)
+        for flag, value in (("sub_sample", sub_sample), ("pool_input", pool_input), ("use_scale", use_scale),
+                            ("bn", bn), ("fused", fused)):
+            if not isinstance(value, bool):
+                raise ValueError(f"NonLocal2d: expected {flag} to be a bool, got {value!r}")
+        if pool_input and not sub_sample:
+            raise ValueError("NonLocal2d: pool_input=True says where sub-sampling pools, so expected "
+                             "sub_sample=True, got sub_sample=False")
+        if init_std is not None and not (isinstance(init_std, (int, float)) and init_std > 0):
+            raise ValueError(f"NonLocal2d: expected init_std to be None or a positive number, got {init_std!r}")
         self.in_channels, self.inter_channels = in_channels, inter_channels
-        self.mode, self.sub_sample, self.fused = mode, sub_sample, fused
+        self.mode, self.sub_sample, self.pool_input, self.fused = mode, sub_sample, pool_input, fused
+        self.use_scale, self.init_std = use_scale, init_std
 
         self.g = nn.Conv2d(in_channels, inter_channels, 1)
         if mode != "gaussian":  # the plain Gaussian compares raw features x_i^T x_j
@@ -93,18 +127,30 @@ class NonLocal2d(nn.Module):
         self.pool = nn.MaxPool2d(2) if sub_sample else nn.Identity()
         self.out_proj = nn.Conv2d(inter_channels, in_channels, 1)  # W_z
         self.out_norm = nn.BatchNorm2d(in_channels) if bn else nn.Identity()
+        if init_std is not None:
+            for conv in (getattr(self, name) for name in ("theta", "phi", "g") if hasattr(self, name)):
+                nn.init.normal_(conv.weight, std=init_std)
+                nn.init.zeros_(conv.bias)
         zeroed = self.out_norm if bn else self.out_proj
         nn.init.zeros_(zeroed.weight)
         nn.init.zeros_(zeroed.bias)
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """θ(x) as B×N×d, and φ(x), g(x) on the (optionally pooled) key grid as B×N_k×d."""
+        source = self.pool(x) if self.pool_input else x  # the authors' code pools before φ and g
         if self.mode == "gaussian":
-            theta, phi = x, x
+            theta, phi = x, source
         else:
-            theta, phi = self.theta(x), self.phi(x)
-        phi, g = self.pool(phi), self.pool(self.g(x))
+            theta, phi = self.theta(x), self.phi(source)
+        g = self.g(source)
+        if not self.pool_input:
+            phi, g = self.pool(phi), self.pool(g)
         return tuple(t.flatten(2).transpose(1, 2) for t in (theta, phi, g))
+
+    @property
+    def scale(self) -> float:
+        """The logit scale s: :math:`d^{-1/2}` for the embedded Gaussian with ``use_scale``, else 1."""
+        return self.inter_channels ** -0.5 if self.use_scale and self.mode == "embedded_gaussian" else 1.0
 
     def _pairwise(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         """f(x_i, x_j) / C(x) for the two modes normalised by N (B×N×N_k)."""
@@ -117,7 +163,7 @@ class NonLocal2d(nn.Module):
     def _aggregate(self, theta, phi, g, need_weights: bool):
         """Eq. (1): y_i = Σ_j f(x_i, x_j) g(x_j) / C(x).  Returns (y as B×N×d, weights or None)."""
         if self.mode in ("embedded_gaussian", "gaussian"):
-            return attend(theta, phi, g, scale=1.0, need_weights=need_weights, fused=self.fused)
+            return attend(theta, phi, g, scale=self.scale, need_weights=need_weights, fused=self.fused)
         if self.mode == "dot_product" and self.fused and not need_weights:
             # θ (φ^T g) / N: the same sum, O(N d²) instead of O(N² d) — no N×N matrix.
             return torch.matmul(theta, torch.matmul(phi.transpose(1, 2), g)) / phi.shape[1], None
@@ -165,7 +211,8 @@ class NonLocal2d(nn.Module):
     def flops(self, batch: int, height: int, width: int) -> dict[str, int]:
         """Analytic FLOPs of :meth:`forward` at this size; see :func:`nonlocal_flops`."""
         return nonlocal_flops(batch, self.in_channels, height, width, inter_channels=self.inter_channels,
-                              mode=self.mode, sub_sample=self.sub_sample, fused=self.fused)
+                              mode=self.mode, sub_sample=self.sub_sample, pool_input=self.pool_input,
+                              fused=self.fused)
 
     def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
         """Bytes of attention matrix :meth:`forward` stores; see :func:`nonlocal_attention_memory`."""
@@ -175,7 +222,8 @@ class NonLocal2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, inter_channels={self.inter_channels}, mode={self.mode!r}, "
-                f"sub_sample={self.sub_sample}, fused={self.fused}")
+                f"sub_sample={self.sub_sample}, pool_input={self.pool_input}, use_scale={self.use_scale}, "
+                f"init_std={self.init_std}, fused={self.fused}")
 
 
 def _inter_channels(channels: int, inter_channels: int | None) -> int:
@@ -194,7 +242,8 @@ def _num_keys(height: int, width: int, sub_sample: bool) -> int:
 
 
 def nonlocal_flops(batch: int, channels: int, height: int, width: int, *, inter_channels: int | None = None,
-                   mode: str = "embedded_gaussian", sub_sample: bool = False, fused: bool = False) -> dict[str, int]:
+                   mode: str = "embedded_gaussian", sub_sample: bool = False, pool_input: bool = False,
+                   fused: bool = False) -> dict[str, int]:
     r"""FLOPs of one :class:`NonLocal2d` forward pass, 2 per multiply-add, as ``FlopCounterMode`` counts them.
 
     Returns ``{"conv": ..., "matmul": ...}``: the 1×1 convolutions
@@ -202,13 +251,18 @@ def nonlocal_flops(batch: int, channels: int, height: int, width: int, *, inter_
     attention products.  With :math:`N = HW`, :math:`N_k` keys and :math:`d` the inter width,
     the softmax forms cost :math:`2BNN_k d_k + 2BNN_k d` — the :math:`O(N^2C)` term that dominates
     at segmentation resolutions.  The fused ``dot_product`` path reassociates to
-    :math:`2BN_k d^2 + 2BNd^2`.  Element-wise work (softmax, BN, the residual) is not counted.
+    :math:`2BN_k d^2 + 2BNd^2`.  With ``pool_input`` (the authors' code), :math:`\phi` and
+    :math:`g` run on the :math:`N_k` pooled positions only.  Element-wise work (softmax, BN,
+    the residual, the logit scale) is not counted.
     """
     d = _inter_channels(channels, inter_channels)
     n, n_k = height * width, _num_keys(height, width, sub_sample)
     _check_mode(mode)
-    embeddings = 1 if mode == "gaussian" else 3  # g, plus θ and φ unless raw features are compared
-    conv = 2 * batch * n * channels * d * embeddings + 2 * batch * n * d * channels
+    key_positions = n_k if pool_input else n  # where φ and g are computed
+    key_convs = 1 if mode == "gaussian" else 2  # g, plus φ unless raw features are compared
+    query_convs = 0 if mode == "gaussian" else 1  # θ
+    conv = (2 * batch * channels * d * (n * query_convs + key_positions * key_convs)
+            + 2 * batch * n * d * channels)
     d_k = channels if mode == "gaussian" else d
     if mode == "dot_product" and fused:
         matmul = 2 * batch * n_k * d * d + 2 * batch * n * d * d

@@ -1,7 +1,8 @@
 """The figures every chapter draws, written once: attention overlays, curves, segmentations.
 
-Each function returns a :class:`matplotlib.figure.Figure` and leaves showing it to the
-caller (end the notebook cell with ``;`` and the inline backend shows the image alone).
+Each function returns a :class:`matplotlib.figure.Figure` at most :data:`PAGE_WIDTH` inches
+wide, with fonts of at least 9 pt under :data:`STYLE` (``plt.rcParams.update(viz.STYLE)``),
+and leaves showing it to the caller (:func:`attnlib.book.show`).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Mapping, Sequence
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -17,11 +20,19 @@ from .data import CLASSES, IGNORE_INDEX, PALETTE, colorize, denormalize
 from .maps import attention_map
 
 __all__ = [
-    "attention_maps", "capture_inputs", "class_queries", "feature_labels", "plot_attention", "plot_curves",
-    "plot_segmentation", "predict", "same_class_mass",
+    "PAGE_WIDTH", "STYLE", "attention_maps", "capture_inputs", "feature_labels", "map_scale", "plot_attention",
+    "plot_curves", "plot_segmentation", "predict",
 ]
 
-QUERY_STYLE = dict(marker="*", s=220, c="#00e5ff", edgecolors="black", linewidths=1.2)
+# The book's page is about 770 CSS px wide.  At 96 dpi one image pixel is one CSS pixel, so a
+# figure PAGE_WIDTH inches wide is shown at its own size and its fonts keep their point size.
+PAGE_WIDTH = 8.0
+STYLE = {
+    "figure.dpi": 96, "font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "xtick.labelsize": 9,
+    "ytick.labelsize": 9, "legend.fontsize": 9, "figure.titlesize": 11,
+}
+CMAP = "inferno"
+QUERY_STYLE = dict(marker="*", s=200, c="#00e5ff", edgecolors="black", linewidths=1.2)
 
 
 @torch.no_grad()
@@ -59,83 +70,83 @@ def feature_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(one_hot, size).argmax(dim=1)
 
 
-def class_queries(cell_labels: torch.Tensor, classes: Sequence[int], window: int = 5) -> list[tuple[int, tuple[int, int]]]:
-    """For each class present in an h×w map of cell labels, the cell deepest inside it.
-
-    "Deepest" is the cell of that class with the most cells of the same class in its
-    ``window``×``window`` neighbourhood (first in raster order on ties), so that a query
-    sits well inside an object rather than on its border.  Returns ``[(class, (i, j)), ...]``.
-    """
-    picks = []
-    for k in classes:
-        mask = (cell_labels == k).float()[None, None]
-        if mask.sum() == 0:
-            continue
-        support = F.avg_pool2d(mask, window, stride=1, padding=window // 2, count_include_pad=True)[0, 0]
-        flat = torch.where(mask[0, 0] > 0, support, torch.full_like(support, -1)).flatten().argmax().item()
-        picks.append((k, divmod(flat, cell_labels.shape[1])))
-    return picks
-
-
-def same_class_mass(amap: torch.Tensor, cell_labels: torch.Tensor, query: tuple[int, int]) -> tuple[float, float]:
-    """(attention mass on cells of the query's class, the share of cells of that class).
-
-    A map that ignores semantics puts mass on a class in proportion to its area; the
-    ratio of the two numbers says how much more than that the query attends to its own class.
-    """
-    same = cell_labels == cell_labels[query]
-    return float(amap[same].sum() / amap.sum()), float(same.float().mean())
-
-
 def _photo(image: torch.Tensor) -> torch.Tensor:
     """A normalised 3×H×W network input as an H×W×3 picture in [0, 1]."""
     return denormalize(image.cpu()).clamp(0, 1)
 
 
-def _heat(amap: torch.Tensor, alpha: float) -> torch.Tensor:
-    """An H×W×4 overlay: colour from the map's own range, opacity growing with the value, so that
-    the photo stays visible wherever the query does not look."""
-    scaled = (amap - amap.min()) / (amap.max() - amap.min()).clamp(min=1e-12)
-    rgba = torch.as_tensor(plt.get_cmap("inferno")(scaled.numpy()), dtype=torch.float32)
+def map_scale(maps: torch.Tensor) -> tuple[float, float]:
+    """The shared colour range ``(vmin, vmax)`` of a set of maps, in units of N·a (see :func:`plot_attention`).
+
+    ``vmax`` is the largest N·a of all the maps, so no panel saturates; ``vmin`` is a tenth of
+    uniform attention, or ``vmax / 10`` for maps flatter than that.
+    """
+    n = maps.shape[-2] * maps.shape[-1]
+    vmax = max(float(maps.max()) * n, 1e-6)
+    return min(0.1, vmax / 10), vmax
+
+
+def _heat(amap: torch.Tensor, norm: LogNorm, alpha: float) -> torch.Tensor:
+    """An H×W×4 overlay on the shared log scale: opacity grows with the value, so that the photo
+    stays visible wherever the query does not look (values at or below ``vmin`` are transparent)."""
+    scaled = torch.as_tensor(norm(amap.numpy()).filled(0.0), dtype=torch.float32).clamp(0, 1)
+    rgba = torch.as_tensor(plt.get_cmap(CMAP)(scaled.numpy()), dtype=torch.float32)
     rgba[..., 3] = alpha * scaled.sqrt()
     return rgba
 
 
-def plot_attention(images: torch.Tensor, maps: torch.Tensor, queries: Sequence[tuple[int, int]],
-                   titles: Sequence[str] | None = None, alpha: float = 0.85, panel: float = 3.2) -> Figure:
-    """One row per image, one column per query: the photo with the query's attention over it.
+def plot_attention(images: torch.Tensor, maps: torch.Tensor, queries: Sequence[tuple[int, int]] | Sequence[
+                   Sequence[tuple[int, int]]], titles: Sequence[str] | None = None, *,
+                   scale: tuple[float, float] | None = None, columns: int = 3, alpha: float = 0.85) -> Figure:
+    """Photos with a query's attention over each, on one shared colour scale with a colourbar.
 
-    ``images`` are B×3×H×W network inputs, ``maps`` B×Q×h×w attention on the feature grid
-    (h×w, e.g. 45×60 at output stride 8).  Each map is upsampled bilinearly to the photo
-    and shown with its own colour range (each panel answers "where does *this* query
-    look?"), more opaque where the weight is higher; the star marks the query's feature cell.
+    ``images`` are B×3×H×W network inputs and ``maps`` B×Q×h×w attention on the feature grid
+    (h×w, e.g. 45×60 at output stride 8).  ``queries`` are the Q cells (i, j), the same for
+    every image, or one list of Q cells per image.  Panels run image by image, query by query,
+    ``columns`` to a row; ``titles`` gives one title per panel (default: the query's cell).
+
+    How the maps are normalised: a map :math:`a` sums to 1 over the N = h·w cells, so every
+    panel shows :math:`N a`, the attention *relative to uniform* (1 = the weight every cell
+    would get from a query that looks everywhere), on one logarithmic scale for the whole
+    figure (``scale = (vmin, vmax)``, default :func:`map_scale`).  Brighter and more opaque is
+    more weight; cells at or below ``vmin`` leave the photo uncovered.  The star marks the
+    query's cell.  Maps are upsampled bilinearly to the photo.
     """
     b, q, h, w = maps.shape
-    if images.shape[0] != b or len(queries) != q:
-        raise ValueError(f"plot_attention: expected {b} images and {q} queries to match the maps {tuple(maps.shape)}, "
-                         f"got {images.shape[0]} images and {len(queries)} queries")
+    per_image = [list(queries)] * b if queries and isinstance(queries[0][0], int) else [list(c) for c in queries]
+    if images.shape[0] != b or len(per_image) != b or any(len(c) != q for c in per_image):
+        raise ValueError(f"plot_attention: expected {b} images and {q} queries per image to match the maps "
+                         f"{tuple(maps.shape)}, got {images.shape[0]} images and queries {queries!r}")
+    if titles is not None and len(titles) != b * q:
+        raise ValueError(f"plot_attention: expected {b * q} panel titles, got {len(titles)}")
+    vmin, vmax = map_scale(maps) if scale is None else scale
+    norm = LogNorm(vmin=vmin, vmax=vmax)
     height, width = images.shape[-2:]
-    up = F.interpolate(maps.float().cpu(), size=(height, width), mode="bilinear", align_corners=False)
-    fig, axes = plt.subplots(b, q, figsize=(panel * q * width / height, panel * b), squeeze=False)
-    for r in range(b):
-        photo = _photo(images[r])
-        for c, (i, j) in enumerate(queries):
-            ax = axes[r, c]
-            ax.imshow(photo)
-            ax.imshow(_heat(up[r, c], alpha))
-            ax.scatter([(j + 0.5) * width / w - 0.5], [(i + 0.5) * height / h - 0.5], **QUERY_STYLE)
-            ax.set_xticks([]), ax.set_yticks([])
-            if r == 0:
-                ax.set_title(f"query ({i}, {j})", fontsize=10)
-        if titles is not None:
-            axes[r, 0].set_ylabel(titles[r], fontsize=9)
-    fig.tight_layout()
+    up = F.interpolate(maps.float().cpu() * (h * w), size=(height, width), mode="bilinear", align_corners=False)
+    count = b * q
+    cols = min(columns, count)
+    rows = -(-count // cols)
+    panel_w = (PAGE_WIDTH - 0.9) / cols
+    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_WIDTH, rows * (panel_w * height / width + 0.35)),
+                             squeeze=False, layout="constrained")
+    for k, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if k >= count:
+            continue
+        r, c = divmod(k, q)
+        i, j = per_image[r][c]
+        ax.imshow(_photo(images[r]))
+        ax.imshow(_heat(up[r, c], norm, alpha))
+        ax.scatter([(j + 0.5) * width / w - 0.5], [(i + 0.5) * height / h - 0.5], **QUERY_STYLE)
+        ax.set_title(titles[k] if titles is not None else f"query ({i}, {j})")
+    colourbar = fig.colorbar(ScalarMappable(norm=norm, cmap=CMAP), ax=axes, shrink=0.9, aspect=25, pad=0.02)
+    colourbar.set_label("attention × N  (1 = uniform)")
     return fig
 
 
 def plot_curves(histories: Mapping[str, Mapping], smooth: int = 5) -> Figure:
     """Training loss (moving average over ``smooth`` steps) and evaluation mIoU, one line per run."""
-    fig, (loss_ax, miou_ax) = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, (loss_ax, miou_ax) = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 3.0), layout="constrained")
     for name, history in histories.items():
         loss = torch.tensor(history["loss"], dtype=torch.float64)
         k = max(1, min(smooth, len(loss)))
@@ -144,30 +155,42 @@ def plot_curves(histories: Mapping[str, Mapping], smooth: int = 5) -> Figure:
         evals = history["eval"]
         miou_ax.plot([e["step"] for e in evals], [100 * e["miou"] for e in evals], "o-", label=name)
     loss_ax.set(xlabel="step", ylabel="training loss", title=f"loss (mean of {smooth} steps)")
-    miou_ax.set(xlabel="step", ylabel="mIoU (%)", title="evaluation mIoU")
+    miou_ax.set(xlabel="step", ylabel="mIoU (%)", title="test mIoU")
     for ax in (loss_ax, miou_ax):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
     return fig
 
 
 def plot_segmentation(images: torch.Tensor, labels: torch.Tensor, predictions: Mapping[str, torch.Tensor],
-                      panel: float = 2.6) -> Figure:
-    """Photo, ground truth and each model's prediction side by side, with a class legend."""
+                      opacity: float = 0.75) -> Figure:
+    """Ground truth and each model's prediction, one frame per row, as class colours over the photo.
+
+    Each panel blends the class colours (``opacity``) over the photo, so that a reader sees
+    the scene and the segmentation at once; unlabelled pixels of the ground truth show the
+    photo alone.  At most three panels per row: the ground truth and two models.
+    """
     b = images.shape[0]
-    columns = ["photo", "ground truth", *predictions]
+    columns = ["ground truth", *predictions]
+    if len(columns) > 3:
+        raise ValueError(f"plot_segmentation: expected at most 2 models (three panels per row), got {len(predictions)}")
+    if labels.shape[0] != b or any(p.shape[0] != b for p in predictions.values()):
+        raise ValueError(f"plot_segmentation: expected {b} labels and predictions, one per image")
     height, width = images.shape[-2:]
-    fig, axes = plt.subplots(b, len(columns), figsize=(panel * len(columns) * width / height, panel * b + 0.6),
-                             squeeze=False)
+    panel_w = PAGE_WIDTH / 3
+    fig, axes = plt.subplots(b, len(columns), figsize=(panel_w * len(columns), b * (panel_w * height / width + 0.3)
+                                                       + 0.55), squeeze=False, layout="constrained")
     for r in range(b):
-        panels = [_photo(images[r]), colorize(labels[r].cpu())] + [colorize(p[r].cpu()) for p in predictions.values()]
-        for c, picture in enumerate(panels):
-            axes[r, c].imshow(picture)
-            axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+        photo = _photo(images[r])
+        for c, segmentation in enumerate([labels[r], *(p[r] for p in predictions.values())]):
+            segmentation = segmentation.cpu()
+            colours = colorize(segmentation).float() / 255
+            blend = torch.where((segmentation == IGNORE_INDEX)[..., None], photo,
+                                opacity * colours + (1 - opacity) * photo)
+            axes[r, c].imshow(blend)
+            axes[r, c].set_axis_off()
             if r == 0:
-                axes[r, c].set_title(columns[c], fontsize=10)
+                axes[r, c].set_title(columns[c])
     handles = [plt.Rectangle((0, 0), 1, 1, color=[v / 255 for v in PALETTE[k]]) for k in range(len(CLASSES))]
-    fig.legend(handles, CLASSES, loc="lower center", ncol=len(CLASSES), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(handles, CLASSES, loc="outside lower center", ncol=6, frameon=False)
     return fig
