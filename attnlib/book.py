@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 
 from .train import PROFILES, check_profile
 
-__all__ = ["execute_notebook", "profile_label", "profile_note", "say", "show", "strip_timings"]
+__all__ = ["execute_notebook", "glue", "profile_label", "profile_note", "say", "show", "strip_timings"]
 
 TEST_FRAMES = 233  # CamVid's test split
 
@@ -83,6 +83,19 @@ class Markdown(str):
 
     def _repr_markdown_(self) -> str:
         return str(self)
+
+
+def glue(name: str, value: object) -> None:
+    """Make ``value`` available to the website's figure captions as ``{glue:text}`name```.
+
+    Captions live in cell metadata, which only the website renders; where myst-nb is not
+    installed (Colab) there is nothing to glue for, so this does nothing.
+    """
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        return
+    myst_glue(name, value, display=False)
 
 
 def say(text: str) -> Markdown:

@@ -201,7 +201,9 @@ class NonLocal2d(nn.Module):
         """
         b, _, h, w = self._check(x)
         i, j = check_query(query, h, w)
-        row = self.attention_weights(x)[:, i * w + j]
+        theta, phi, g = self._embed(x)
+        # One query's row only: O(N d) instead of the N×N matrix of attention_weights.
+        row = self._aggregate(theta[:, i * w + j:i * w + j + 1], phi, g, need_weights=True)[1][:, 0]
         if not self.sub_sample:
             return row.reshape(b, h, w)
         cells = row.reshape(b, 1, h // 2, w // 2)

@@ -82,7 +82,7 @@ def map_scale(maps: torch.Tensor) -> tuple[float, float]:
     uniform attention, or ``vmax / 10`` for maps flatter than that.
     """
     n = maps.shape[-2] * maps.shape[-1]
-    vmax = max(float(maps.max()) * n, 1e-6)
+    vmax = max(float(maps.detach().max()) * n, 1e-6)
     return min(0.1, vmax / 10), vmax
 
 
@@ -122,7 +122,7 @@ def plot_attention(images: torch.Tensor, maps: torch.Tensor, queries: Sequence[t
     vmin, vmax = map_scale(maps) if scale is None else scale
     norm = LogNorm(vmin=vmin, vmax=vmax)
     height, width = images.shape[-2:]
-    up = F.interpolate(maps.float().cpu() * (h * w), size=(height, width), mode="bilinear", align_corners=False)
+    up = F.interpolate(maps.detach().float().cpu() * (h * w), size=(height, width), mode="bilinear", align_corners=False)
     count = b * q
     cols = min(columns, count)
     rows = -(-count // cols)
