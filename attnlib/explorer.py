@@ -134,14 +134,14 @@ def _photo_pixels(photos: object, frames: int) -> np.ndarray:
     return np.rint(x * 255).astype(np.uint8)
 
 
-def _jpeg(pixels: np.ndarray, width: int, quality: int) -> str:
-    """An H×W×3 uint8 picture as a JPEG data URI, ``width`` pixels wide (never enlarged)."""
+def _jpeg(pixels: np.ndarray, width: int, quality: int) -> tuple[str, tuple[int, int]]:
+    """An H×W×3 uint8 picture as a JPEG data URI ``width`` pixels wide (never enlarged), and its (width, height)."""
     image = Image.fromarray(pixels)
     if image.width > width:
         image = image.resize((width, round(image.height * width / image.width)), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality, optimize=True)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), image.size
 
 
 def _quantise(maps: np.ndarray, pool: int, vmin: float, vmax: float) -> np.ndarray:
@@ -232,7 +232,8 @@ class Explorer:
         self._maps = maps
         self._stats = self._format_stats(stats, fmt, frames, count)
         self._labels = self._check_labels(labels, frames, count)
-        self._photos = [_jpeg(p, photo_width, quality) for p in _photo_pixels(photos, frames)]
+        jpegs = [_jpeg(p, photo_width, quality) for p in _photo_pixels(photos, frames)]
+        self._photos, self._photo_size = [uri for uri, _ in jpegs], jpegs[0][1]
         self._colours = base64.b64encode(_colour_table(ALPHA)).decode("ascii")
 
         sizes = {}
@@ -316,8 +317,7 @@ class Explorer:
         slug = re.sub(r"[^A-Za-z0-9_-]+", "-", self.name).strip("-") or "explorer"
         uid = f"attnlib-{slug}-{digest[:12]}"
 
-        with Image.open(io.BytesIO(base64.b64decode(self._photos[0].split(",", 1)[1]))) as first:
-            width, height = first.size
+        width, height = self._photo_size
         ticks = [self.vmin] + ([1.0] if self.vmin < 1.0 < self.vmax else []) + [self.vmax]
         tick_marks = "".join(
             f'<span style="left:{100 * math.log(v / self.vmin) / math.log(self.vmax / self.vmin):.2f}%">{v:g}</span>'
@@ -385,7 +385,7 @@ var root = (script && script.parentNode && script.parentNode.id === ID) ? script
 if (!root) { return; }
 function bytes(b64) {
   var s = atob(b64), a = new Uint8Array(s.length);
-  for (var k = 0; k < s.length; k++) { a[k] = s.charCodeAt(k); }
+  for (var n = 0; n < s.length; n++) { a[n] = s.charCodeAt(n); }
   return a;
 }
 var codes = bytes(D.maps), colours = bytes(D.colours);
@@ -397,7 +397,7 @@ var ring = root.querySelector('.ax-ring'), heading = root.querySelector('.ax-que
 var table = root.querySelector('.ax-stats'), buttons = root.querySelectorAll('.ax-frames button');
 var photos = D.photos.slice(); photos[0] = img.getAttribute('src');
 var span = Math.log(D.vmax / D.vmin), level = [];
-for (var k = 0; k < 256; k++) { level.push(D.vmin * Math.exp(span * k / 255)); }
+for (var step = 0; step < 256; step++) { level.push(D.vmin * Math.exp(span * step / 255)); }
 // Bilinear sampling as torch's interpolate(align_corners=False): for each output pixel, two source cells and a weight.
 function axis(n, m) {
   var lo = new Int32Array(n), hi = new Int32Array(n), f = new Float32Array(n);
@@ -471,17 +471,14 @@ function show(f) {
   frame = f;
   img.setAttribute('src', photos[f]);
   img.setAttribute('alt', (D.title ? D.title + ': ' : '') + 'frame ' + (f + 1) + ' of ' + photos.length);
-  for (var b = 0; b < buttons.length; b++) { buttons[b].setAttribute('aria-pressed', String(b === f)); }
+  for (var n = 0; n < buttons.length; n++) { buttons[n].setAttribute('aria-pressed', String(n === f)); }
   update();
 }
 for (var b = 0; b < buttons.length; b++) {
   buttons[b].addEventListener('click', (function (f) { return function () { show(f); }; })(b));
 }
 var bar = root.querySelector('.ax-cbar canvas').getContext('2d'), strip = bar.createImageData(256, 1);
-for (var k = 0; k < 256; k++) {
-  strip.data[4 * k] = colours[4 * k]; strip.data[4 * k + 1] = colours[4 * k + 1];
-  strip.data[4 * k + 2] = colours[4 * k + 2]; strip.data[4 * k + 3] = 255;
-}
+for (var c = 0; c < 1024; c++) { strip.data[c] = c % 4 === 3 ? 255 : colours[c]; }  // opaque: the colours alone
 bar.putImageData(strip, 0, 0);
 root.querySelector('.ax-nojs').style.display = 'none';
 update();
