@@ -268,6 +268,7 @@ class Explorer:
 
     @staticmethod
     def _check_labels(labels: Sequence[Sequence[str]] | None, frames: int, count: int) -> list[list[str]] | None:
+        """The F×Q labels as lists of strings, or ``None``."""
         if labels is None:
             return None
         shape_ok = (isinstance(labels, Sequence) and len(labels) == frames

@@ -170,8 +170,8 @@ def test_photos_are_jpegs_of_the_given_width_in_every_accepted_layout():
     photos, maps = inputs()
     big = F.interpolate(photos, size=(120, 160), mode="bilinear", align_corners=False).clamp(0, 1)
     first = Explorer(big, maps, QUERIES, vmin=VMIN, vmax=VMAX, photo_width=80, max_bytes=10**7)
-    uris = [parse(first.html()).attributes[i][1]["src"] for i, (tag, _) in enumerate(parse(first.html()).attributes)
-            if tag == "img"] + payload(first.html())["photos"][1:]
+    uris = [attrs["src"] for tag, attrs in parse(first.html()).attributes if tag == "img"]
+    uris += payload(first.html())["photos"][1:]
     assert len(uris) == 2
     for uri, photo in zip(uris, big):
         with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as jpeg:
