@@ -78,12 +78,13 @@ def _photo(image: torch.Tensor) -> torch.Tensor:
 def map_scale(maps: torch.Tensor) -> tuple[float, float]:
     """The shared colour range ``(vmin, vmax)`` of a set of maps, in units of N·a (see :func:`plot_attention`).
 
-    ``vmax`` is the largest N·a of all the maps, so no panel saturates; ``vmin`` is a tenth of
-    uniform attention, or ``vmax / 10`` for maps flatter than that.
+    ``vmin = 1``: only cells that get more than uniform attention are coloured, so a map
+    that looks everywhere leaves the photo clear.  ``vmax`` is the largest N·a of all the
+    maps, so that no panel saturates, but at least 10, so that the small ripples of a nearly
+    uniform map are not stretched over the whole scale.
     """
     n = maps.shape[-2] * maps.shape[-1]
-    vmax = max(float(maps.detach().max()) * n, 1e-6)
-    return min(0.1, vmax / 10), vmax
+    return 1.0, max(float(maps.detach().max()) * n, 10.0)
 
 
 def _heat(amap: torch.Tensor, norm: LogNorm, alpha: float) -> torch.Tensor:
@@ -108,8 +109,8 @@ def plot_attention(images: torch.Tensor, maps: torch.Tensor, queries: Sequence[t
     How the maps are normalised: a map :math:`a` sums to 1 over the N = h·w cells, so every
     panel shows :math:`N a`, the attention *relative to uniform* (1 = the weight every cell
     would get from a query that looks everywhere), on one logarithmic scale for the whole
-    figure (``scale = (vmin, vmax)``, default :func:`map_scale`).  Brighter and more opaque is
-    more weight; cells at or below ``vmin`` leave the photo uncovered.  The star marks the
+    figure (``scale = (vmin, vmax)``, default :func:`map_scale`: from uniform up).  Brighter
+    and more opaque is more weight; cells at or below ``vmin`` leave the photo uncovered.  The star marks the
     query's cell.  Maps are upsampled bilinearly to the photo.
     """
     b, q, h, w = maps.shape

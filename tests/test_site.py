@@ -41,8 +41,8 @@ BAD_OUTPUT_CLASSES = ("output traceback", "output stderr", "output error")
 TRACEBACK_TEXT = "Traceback (most recent call last)"
 
 IMAGE_SRC = re.compile(r"""<img\b[^>]*?\bsrc\s*=\s*["']([^"']+)["']""", re.IGNORECASE)
-IMAGE_FILE = re.compile(r"\.(png|svg)$", re.IGNORECASE)
-IMAGE_DATA = re.compile(r"^data:image/(png|svg\+xml)[;,]", re.IGNORECASE)
+IMAGE_FILE = re.compile(r"\.(png|jpe?g|svg)$", re.IGNORECASE)
+IMAGE_DATA = re.compile(r"^data:image/(png|jpeg|svg\+xml)[;,]", re.IGNORECASE)
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
