@@ -29,10 +29,12 @@ memory-saving kernel exists for these operands on this device (see :func:`takes_
 then SDPA would store the matrix anyway, more slowly than the plain path.
 The test-suite holds the two equal (float32, ``atol=1e-5``).
 
-Two details of the plain path make it fast without changing what it computes:
+Three details of the plain path make it fast without changing what it computes:
 
 * the scale multiplies the :math:`N_q\times d_k` queries, not the :math:`N_q\times N_k` scores
   (:math:`(sQ)K^\top = s\,QK^\top`), and is skipped when :math:`s = 1`;
+* when the values are a feature map seen as tokens (a transposed view), :math:`AV` is computed
+  as :math:`(V^\top A^\top)^\top`, so that neither it nor its gradient transposes the map;
 * where the matrix is no larger than the queries or the keys (:math:`\min(N_q, N_k) \le d_k`:
   DANet's channel attention, GCNet, ANN, ISA), weights below ``torch.finfo(dtype).tiny`` are
   set to 0.  Such weights are *subnormal* floats, which a CPU multiplies many times more slowly
@@ -160,7 +162,13 @@ def attend(
     if min(query.shape[-2], key.shape[-2]) <= query.shape[-1]:  # a small matrix: the pass is cheap
         # Subnormal weights (< tiny) make the product below crawl on a CPU; as 0 they change nothing visible.
         weights = F.threshold(weights, torch.finfo(weights.dtype).tiny, 0.0)  # one pass: w if w > tiny else 0
-    out = torch.matmul(weights.to(value.dtype), value)  # Y = A V
+    a = weights.to(value.dtype)
+    if value.mT.is_contiguous() and not value.is_contiguous():
+        # V is a B×d_v×N_k feature map seen as tokens: Y = (VᵀAᵀ)ᵀ reads V, and writes its gradient,
+        # in the map's own layout, instead of a transposed copy.
+        out = torch.matmul(value.mT, a.mT).mT
+    else:
+        out = torch.matmul(a, value)  # Y = A V
     return out, (weights if need_weights else None)
 
 
