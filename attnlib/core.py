@@ -35,8 +35,8 @@ Three details of the plain path make it fast without changing what it computes:
   (:math:`(sQ)K^\top = s\,QK^\top`), and is skipped when :math:`s = 1`;
 * when the values are a feature map seen as tokens (a transposed view), :math:`AV` is computed
   as :math:`(V^\top A^\top)^\top`, so that neither it nor its gradient transposes the map;
-* where the matrix is no larger than the queries or the keys (:math:`\min(N_q, N_k) \le d_k`:
-  DANet's channel attention, GCNet, ANN, ISA), weights below ``torch.finfo(dtype).tiny`` are
+* where the matrix is no larger than the queries (:math:`N_k \le d_k`: DANet's channel
+  attention, ANN, ISA at 512 channels), weights below ``torch.finfo(dtype).tiny`` are
   set to 0.  Such weights are *subnormal* floats, which a CPU multiplies many times more slowly
   than normal ones, and a weight below :math:`10^{-38}` changes no output by more than float
   rounding.  DANet's channel attention, whose official sign drives many weights there, runs
@@ -159,7 +159,7 @@ def attend(
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)  # A = softmax(S), row-wise
-    if min(query.shape[-2], key.shape[-2]) <= query.shape[-1]:  # a small matrix: the pass is cheap
+    if key.shape[-2] <= query.shape[-1]:  # a matrix no larger than the queries: the pass is cheap
         # Subnormal weights (< tiny) make the product below crawl on a CPU; as 0 they change nothing visible.
         weights = F.threshold(weights, torch.finfo(weights.dtype).tiny, 0.0)  # one pass: w if w > tiny else 0
     a = weights.to(value.dtype)
