@@ -1,20 +1,28 @@
 """Benchmark every block: ``python -m attnlib.bench``.
 
-For each block and each size it prints the forward time of the reference and the fused
-path (``torch.utils.benchmark``, ``torch.no_grad``; the two paths alternate for
-``--rounds`` rounds and each keeps its best median), the analytic
-FLOPs (:mod:`attnlib.complexity`), the attention memory the path stores (analytic), and
-on CUDA the measured peak memory (``torch.cuda.max_memory_allocated`` above the inputs)
-and the bf16-autocast time as well.  On a CPU, PyTorch exposes no peak-memory counter,
-so the measured column reads ``n/a`` there.
+For each block and each size it prints the time of the reference and the fused path, for a
+forward pass (``torch.no_grad``) and for a training step (forward and backward, with respect to
+the input and every parameter); the analytic FLOPs (:mod:`attnlib.complexity`), the attention
+memory the path stores (analytic), and on CUDA the measured peak memory of the forward pass
+(``torch.cuda.max_memory_allocated`` above the inputs) and the bf16-autocast times as well.  On a
+CPU, PyTorch exposes no peak-memory counter, so the measured column reads ``n/a`` there.
 
-Timings on shared machines are noisy: compare ratios taken within one run.
+``--peers`` adds a third contender per block: its plain transcription from :mod:`attnlib.peers`
+(``bmm`` → ``softmax`` → ``bmm``, as mmcv/mmsegmentation and the official code write it, with the
+block's own weights), so that anyone can check, without installing those libraries, that the
+fused path is at least as fast as the obvious code.  The ``vs fused`` column gives each row's
+time over the fused path's, forward / training step: above 1 the fused path is faster.
+
+All contenders of a block alternate for ``--rounds`` rounds (``torch.utils.benchmark`` medians);
+each keeps its best median, so that a burst of load on a shared machine, or whichever runs
+first, does not decide the ratio.  Timings on shared machines are noisy: compare ratios taken
+within one run.
 
 Examples::
 
     python -m attnlib.bench                               # 1×512×97×97 and 1×512×64×64
-    python -m attnlib.bench --sizes 1x512x45x60 --blocks nonlocal cca
-    python -m attnlib.bench --json bench.json
+    python -m attnlib.bench --sizes 1x512x64x64 2x128x45x60 --peers
+    python -m attnlib.bench --sizes 1x512x45x60 --blocks nonlocal cca --json bench.json
 """
 from __future__ import annotations
 
@@ -47,6 +55,7 @@ from .danet import ChannelAttention, PositionAttention
 from .gcnet import ContextBlock, SimplifiedNonLocal2d
 from .isanet import InterlacedSparseAttention
 from .nonlocal_block import NonLocal2d
+from .peers import PEERS
 
 # Each block at a channel count c, with the settings its paper (or mmsegmentation) uses.
 BLOCKS: dict[str, Callable[[int], nn.Module]] = {
@@ -68,11 +77,12 @@ DEFAULT_SIZES = ("1x512x97x97", "1x512x64x64")
 class Row:
     block: str
     size: str
-    path: str
+    path: str  # "reference", "fused" or "plain" (the attnlib.peers transcription)
     dtype: str
-    ms: float
+    ms: float  # forward pass, no_grad
+    train_ms: float  # forward and backward
     gflops: float
-    attention_mb: float
+    attention_mb: float | None  # None for the plain peer
     peak_mb: float | None
 
 
@@ -90,8 +100,12 @@ def block_inputs(name: str, size: tuple[int, int, int, int], device: torch.devic
     return (torch.randn(b, c // 2, h, w, device=device), high) if name == "afnb" else (high,)
 
 
-def _forward(block: nn.Module, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> Callable[[], torch.Tensor]:
-    autocast = torch.autocast(inputs[0].device.type, dtype=dtype, enabled=dtype != torch.float32)
+def _autocast(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype):
+    return torch.autocast(inputs[0].device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def _forward(block: Callable, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    autocast = _autocast(inputs, dtype)
 
     def forward() -> torch.Tensor:
         with torch.no_grad(), autocast:
@@ -99,12 +113,40 @@ def _forward(block: nn.Module, inputs: tuple[torch.Tensor, ...], dtype: torch.dt
     return forward
 
 
-def time_forward(block: nn.Module, inputs: tuple[torch.Tensor, ...], *, dtype: torch.dtype = torch.float32,
+def _training_step(block: Callable, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype,
+                   parameters: list[nn.Parameter]) -> Callable[[], None]:
+    autocast = _autocast(inputs, dtype)
+    inputs = tuple(t.detach().requires_grad_() for t in inputs)
+
+    def step() -> None:
+        for t in (*inputs, *parameters):
+            t.grad = None  # as after zero_grad(set_to_none=True): every step writes fresh gradients
+        with autocast:
+            out = block(*inputs)
+        out.float().sum().backward()
+    return step
+
+
+def _seconds(stmt: Callable, min_run_time: float) -> float:
+    timer = benchmark.Timer(stmt="stmt()", globals={"stmt": stmt}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def time_forward(block: Callable, inputs: tuple[torch.Tensor, ...], *, dtype: torch.dtype = torch.float32,
                  min_run_time: float = 1.0) -> float:
     """Median seconds of one ``block(*inputs)`` under ``no_grad`` (``torch.utils.benchmark``)."""
-    timer = benchmark.Timer(stmt="forward()", globals={"forward": _forward(block, inputs, dtype)},
-                            num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+    return _seconds(_forward(block, inputs, dtype), min_run_time)
+
+
+def time_training_step(block: Callable, inputs: tuple[torch.Tensor, ...], *, parameters=None,
+                       dtype: torch.dtype = torch.float32, min_run_time: float = 1.0) -> float:
+    """Median seconds of one forward and backward pass of ``block(*inputs).sum()``.
+
+    Gradients flow to the inputs and to ``parameters`` (default: ``block``'s own, if it is a module).
+    """
+    if parameters is None:
+        parameters = list(block.parameters()) if isinstance(block, nn.Module) else []
+    return _seconds(_training_step(block, inputs, dtype, list(parameters)), min_run_time)
 
 
 def peak_memory(block: nn.Module, inputs: tuple[torch.Tensor, ...], *, dtype: torch.dtype = torch.float32) -> int | None:
@@ -122,44 +164,62 @@ def peak_memory(block: nn.Module, inputs: tuple[torch.Tensor, ...], *, dtype: to
 
 
 def measure(name: str, size, device: torch.device, dtype: torch.dtype, min_run_time: float,
-            rounds: int = 3) -> tuple[Row, Row]:
-    """The reference and the fused path of one block, timed in alternating rounds.
+            rounds: int = 3, peers: bool = False) -> list[Row]:
+    """The reference and the fused path of one block (and its plain peer), timed in alternating rounds.
 
-    Each path's time is the smallest of its ``rounds`` medians, so that a burst of load on a
-    shared machine, or whichever path happens to run first, does not decide the ratio.
+    Each contender's time is the smallest of its ``rounds`` medians, for the forward pass and
+    the training step alike.
     """
     b, c, h, w = size
     block = BLOCKS[name](c).to(device).eval()
     inputs = block_inputs(name, size, device)
-    seconds = {False: [], True: []}
+    parameters = list(block.parameters())
+    paths = ["reference", "fused"] + (["plain"] if peers else [])
+    plain = PEERS[name]
+
+    def contender(path: str) -> Callable:
+        if path == "plain":
+            return lambda *xs: plain(block, *xs)
+        set_fused(block, path == "fused")
+        return block
+
+    times = {path: [float("inf"), float("inf")] for path in paths}
     for _ in range(rounds):
-        for fused in (False, True):
-            set_fused(block, fused)
-            seconds[fused].append(time_forward(block, inputs, dtype=dtype, min_run_time=min_run_time))
+        for path in paths:
+            run = contender(path)
+            best = times[path]
+            best[0] = min(best[0], time_forward(run, inputs, dtype=dtype, min_run_time=min_run_time))
+            best[1] = min(best[1], time_training_step(run, inputs, parameters=parameters, dtype=dtype,
+                                                      min_run_time=min_run_time))
     element = torch.finfo(dtype).bits // 8
     rows = []
-    for fused in (False, True):
-        set_fused(block, fused)
-        peak = peak_memory(block, inputs, dtype=dtype)
-        rows.append(Row(name, "x".join(map(str, size)), "fused" if fused else "reference",
-                        str(dtype).removeprefix("torch."), min(seconds[fused]) * 1e3,
-                        sum(complexity.flops(block, b, h, w).values()) / 1e9,
-                        complexity.attention_memory(block, b, h, w, bytes_per_element=element) / 2**20,
+    for path in paths:
+        run = contender(path)
+        peak = peak_memory(run, inputs, dtype=dtype)
+        memory = (None if path == "plain"  # the analytic formulas describe attnlib's two paths only
+                  else complexity.attention_memory(block, b, h, w, bytes_per_element=element) / 2**20)
+        rows.append(Row(name, "x".join(map(str, size)), path, str(dtype).removeprefix("torch."),
+                        times[path][0] * 1e3, times[path][1] * 1e3,
+                        sum(complexity.flops(block, b, h, w).values()) / 1e9, memory,
                         None if peak is None else peak / 2**20))
-    return rows[0], rows[1]
+    return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    head = f"{'block':<14}{'size':<14}{'path':<10}{'dtype':<9}{'ms':>10}{'speed-up':>9}{'GFLOPs':>9}{'attn MB':>10}{'peak MB':>9}"
-    lines, reference = [head, "-" * len(head)], {}
+    head = (f"{'block':<14}{'size':<14}{'path':<10}{'dtype':<9}{'fwd ms':>10}{'fwd+bwd ms':>12}{'vs fused':>13}"
+            f"{'GFLOPs':>9}{'attn MB':>10}{'peak MB':>9}")
+    lines, fused = [head, "-" * len(head)], {}
     for r in rows:
         key = (r.block, r.size, r.dtype)
-        if r.path == "reference":
-            reference[key] = r.ms
-        speedup = f"{reference[key] / r.ms:.2f}x" if r.path == "fused" and key in reference else ""
+        if r.path == "fused":
+            fused[key] = r
+    for r in rows:
+        f = fused.get((r.block, r.size, r.dtype))
+        ratio = f"{r.ms / f.ms:.2f}x/{r.train_ms / f.train_ms:.2f}x" if f is not None and r is not f else ""
         peak = "n/a" if r.peak_mb is None else f"{r.peak_mb:.1f}"
-        lines.append(f"{r.block:<14}{r.size:<14}{r.path:<10}{r.dtype:<9}{r.ms:>10.2f}{speedup:>9}"
-                     f"{r.gflops:>9.2f}{r.attention_mb:>10.1f}{peak:>9}")
+        memory = "-" if r.attention_mb is None else f"{r.attention_mb:.1f}"
+        lines.append(f"{r.block:<14}{r.size:<14}{r.path:<10}{r.dtype:<9}{r.ms:>10.2f}{r.train_ms:>12.2f}{ratio:>13}"
+                     f"{r.gflops:>9.2f}{memory:>10}{peak:>9}")
     return "\n".join(lines)
 
 
@@ -172,18 +232,22 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per path; the best median counts")
+    parser.add_argument("--peers", action="store_true",
+                        help="also time each block's plain transcription (attnlib.peers), with the block's weights")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"attnlib.bench on {name}, torch {torch.__version__}; forward pass, no_grad, median time", flush=True)
+    print(f"attnlib.bench on {name}, torch {torch.__version__}; median times of a forward pass (no_grad) "
+          f"and of a forward and backward pass", flush=True)
     rows = []
     for size in args.sizes:
         for block in args.blocks:
             for dtype in dtypes:
-                rows.extend(measure(block, size, device, dtype, args.min_run_time, args.rounds))
-                print("\n".join(format_table(rows).splitlines()[-2:]), file=sys.stderr, flush=True)
+                new = measure(block, size, device, dtype, args.min_run_time, args.rounds, args.peers)
+                rows.extend(new)
+                print("\n".join(format_table(rows).splitlines()[-len(new):]), file=sys.stderr, flush=True)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -136,7 +136,9 @@ class CrissCrossAttention(nn.Module):
         # Eq. 2: Σ over the column (batched over columns) plus Σ over the row (batched over rows).
         y_col = a_col.transpose(1, 2) @ v.permute(0, 3, 2, 1)  # B×W×H×C, [b, j, i, c]
         y_row = a_row @ v.permute(0, 2, 3, 1)  # B×H×W×C, [b, i, j, c]
-        return y_col.permute(0, 3, 2, 1) + y_row.permute(0, 3, 1, 2), attention
+        # The sum comes out channels-innermost; made contiguous B×C×H×W once here, so the next
+        # layer's convolutions (RCCA's next loop) do not run on, and propagate, that layout.
+        return (y_col.permute(0, 3, 2, 1) + y_row.permute(0, 3, 1, 2)).contiguous(), attention
 
     @staticmethod
     def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_weights: bool):

@@ -24,8 +24,27 @@ Two paths compute it:
 
 ``attend`` takes the fused path unless the weights are asked for or ``fused=False`` — or the
 attention matrix is no larger than the queries (a single query, or fewer keys than query
-channels): then there is nothing to save, and two plain products are as fast.
+channels): then there is nothing to save, and two plain products are as fast — or no
+memory-saving kernel exists for these operands on this device (see :func:`takes_fused_path`):
+then SDPA would store the matrix anyway, more slowly than the plain path.
 The test-suite holds the two equal (float32, ``atol=1e-5``).
+
+Three details of the plain path make it fast without changing what it computes:
+
+* the scale multiplies the :math:`N_q\times d_k` queries, not the :math:`N_q\times N_k` scores
+  (:math:`(sQ)K^\top = s\,QK^\top`), and is skipped when :math:`s = 1`;
+* when the values are a feature map seen as tokens (a transposed view), :math:`AV` is computed
+  as :math:`(V^\top A^\top)^\top`, so that neither it nor its gradient transposes the map;
+* where the matrix is no larger than the queries (:math:`N_k \le d_k`: DANet's channel
+  attention, ANN, ISA at 512 channels), weights below ``torch.finfo(dtype).tiny`` are
+  set to 0.  Such weights are *subnormal* floats, which a CPU multiplies many times more slowly
+  than normal ones, and a weight below :math:`10^{-38}` changes no output by more than float
+  rounding.  DANet's channel attention, whose official sign drives many weights there, runs
+  several times faster for it (``python -m attnlib.bench --blocks cam``).  On those small
+  matrices the extra pass is cheap; on the large :math:`N\times N` ones (position attention,
+  the reference paths) it would cost a tenth of the block, so they do without, like every
+  other implementation.  The flush is local to ``attend``: the process-wide switch
+  (``torch.set_flush_denormal``) stays as the user set it.
 """
 from __future__ import annotations
 
@@ -66,29 +85,37 @@ def _check_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             raise ValueError("attend: expected every query to keep at least one key, got a mask row that is all False")
 
 
-def takes_fused_path(n_q: int, n_k: int, d_k: int, *, fused: bool = True, need_weights: bool = False) -> bool:
-    r"""Whether :func:`attend` calls ``scaled_dot_product_attention`` for these sizes.
+def takes_fused_path(n_q: int, n_k: int, d_k: int, *, d_v: int | None = None,
+                     device: torch.device | str = "cpu", fused: bool = True, need_weights: bool = False) -> bool:
+    r"""Whether :func:`attend` calls ``scaled_dot_product_attention`` for these sizes on ``device``.
 
-    The fused kernels pay by never storing the :math:`N_q\times N_k` matrix.  With a single
-    query (GCNet's global context), or fewer keys than query channels (DANet's channel
-    attention, ANN's 110 pooled keys), that matrix is no larger than the queries themselves:
-    nothing is saved, and on a CPU two plain products are as fast or faster
-    (``python -m attnlib.bench``).  So those take the plain path whatever ``fused`` says.
+    The fused kernels pay by never storing the :math:`N_q\times N_k` matrix.  So the fused path
+    is taken only when that saves something and a kernel that saves it exists:
+
+    * with a single query (GCNet's global context), or fewer keys than query channels (DANet's
+      channel attention, ANN's 110 pooled keys), that matrix is no larger than the queries
+      themselves: nothing is saved, and on a CPU two plain products are as fast or faster;
+    * on a CPU (torch 2.14) the memory-saving (flash) kernel needs value width ``d_v`` equal to
+      ``d_k``; otherwise (DANet's position attention, 64 vs 512) SDPA falls back to its math
+      kernel, which stores the matrix and is slower than the plain path.  On CUDA the
+      memory-efficient kernel takes any ``d_v``, so there the fused path stays.
+
+    ``d_v=None`` means ``d_v == d_k``.  Whatever ``fused`` says, the other cases take the plain path.
     """
-    return fused and not need_weights and n_q > 1 and n_k >= d_k
+    d_v = d_k if d_v is None else d_v
+    kernel_exists = torch.device(device).type == "cuda" or d_v == d_k
+    return fused and not need_weights and n_q > 1 and n_k >= d_k and kernel_exists
 
 
-def attention_matrix_bytes(count: int, n_q: int, n_k: int, d_k: int, *, fused: bool,
-                           bytes_per_element: int = 4) -> int:
+def attention_matrix_bytes(count: int, n_q: int, n_k: int, d_k: int, *, d_v: int | None = None,
+                           device: torch.device | str = "cpu", fused: bool, bytes_per_element: int = 4) -> int:
     """Bytes of ``count`` N_q×N_k attention matrices as :func:`attend` stores them (0 when fused).
 
-    The one rule every block's ``attention_memory`` formula uses, so formulas and core agree.
-    "Fused stores none" is what PyTorch's flash and memory-efficient kernels do.  One caveat,
-    PyTorch's and not ours: on a CPU (torch 2.14) the flash kernel needs ``d_v == d_k``;
-    otherwise (DANet's position attention, 64 vs 512) SDPA falls back to its math kernel,
-    which does store the matrix.
+    The one rule every block's ``attention_memory`` formula uses, so formulas and core agree:
+    it asks :func:`takes_fused_path`, with the same ``d_v`` and ``device``, which path runs.
     """
-    return 0 if takes_fused_path(n_q, n_k, d_k, fused=fused) else count * n_q * n_k * bytes_per_element
+    fused_path = takes_fused_path(n_q, n_k, d_k, d_v=d_v, device=device, fused=fused)
+    return 0 if fused_path else count * n_q * n_k * bytes_per_element
 
 
 def attend(
@@ -120,16 +147,28 @@ def attend(
     _check_operands(query, key, value, mask)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    if takes_fused_path(query.shape[-2], key.shape[-2], query.shape[-1], fused=fused, need_weights=need_weights):
+    if takes_fused_path(query.shape[-2], key.shape[-2], query.shape[-1], d_v=value.shape[-1], device=query.device,
+                        fused=fused, need_weights=need_weights):
         # Contiguous operands: on a CPU, SDPA takes its flash kernel only for those, and falls
         # back to the math path (which stores A) for transposed views.
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale), None
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale  # S = s Q K^T
+    if scale != 1.0:
+        query = query * scale  # (sQ)K^T = s QK^T: N_q·d_k multiplications instead of N_q·N_k
+    scores = torch.matmul(query, key.transpose(-2, -1))  # S = s Q K^T
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)  # A = softmax(S), row-wise
-    out = torch.matmul(weights.to(value.dtype), value)  # Y = A V
+    if key.shape[-2] <= query.shape[-1]:  # a matrix no larger than the queries: the pass is cheap
+        # Subnormal weights (< tiny) make the product below crawl on a CPU; as 0 they change nothing visible.
+        weights = F.threshold(weights, torch.finfo(weights.dtype).tiny, 0.0)  # one pass: w if w > tiny else 0
+    a = weights.to(value.dtype)
+    if value.mT.is_contiguous() and not value.is_contiguous():
+        # V is a B×d_v×N_k feature map seen as tokens: Y = (VᵀAᵀ)ᵀ reads V, and writes its gradient,
+        # in the map's own layout, instead of a transposed copy.
+        out = torch.matmul(value.mT, a.mT).mT
+    else:
+        out = torch.matmul(a, value)  # Y = A V
     return out, (weights if need_weights else None)
 
 

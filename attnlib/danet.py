@@ -134,7 +134,8 @@ class PositionAttention(nn.Module):
     def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
         """Bytes of attention matrix :meth:`forward` stores; see :func:`position_attention_attention_memory`."""
         return position_attention_attention_memory(batch, self.in_channels, height, width, reduction=self.reduction,
-                                                   fused=self.fused, bytes_per_element=bytes_per_element)
+                                                   fused=self.fused, device=self.alpha.device,
+                                                   bytes_per_element=bytes_per_element)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, reduction={self.reduction}, fused={self.fused}"
@@ -285,12 +286,17 @@ def position_attention_flops(batch: int, channels: int, height: int, width: int,
 
 
 def position_attention_attention_memory(batch: int, channels: int, height: int, width: int, *, reduction: int = 8,
-                                        fused: bool = False, bytes_per_element: int = 4) -> int:
-    """Bytes of the B×N×N map S the reference path materialises — :math:`O(N^2)`; 0 on the fused path
-    (see :func:`attnlib.core.takes_fused_path`)."""
+                                        fused: bool = False, device: torch.device | str = "cpu",
+                                        bytes_per_element: int = 4) -> int:
+    """Bytes of the B×N×N map S the reference path materialises — :math:`O(N^2)`.
+
+    The fused path stores none on CUDA, but stores S on a CPU too: there the values (C wide) and
+    the keys (C/r wide) differ in width, which PyTorch's CPU flash kernel does not take, so the
+    core computes S plainly (see :func:`attnlib.core.takes_fused_path`).
+    """
     n = height * width
-    return attention_matrix_bytes(batch, n, n, reduced_channels(channels, reduction), fused=fused,
-                                  bytes_per_element=bytes_per_element)
+    return attention_matrix_bytes(batch, n, n, reduced_channels(channels, reduction), d_v=channels, device=device,
+                                  fused=fused, bytes_per_element=bytes_per_element)
 
 
 def channel_attention_flops(batch: int, channels: int, height: int, width: int) -> dict[str, int]:
@@ -330,15 +336,17 @@ def dual_attention_head_flops(batch: int, in_channels: int, height: int, width: 
 
 
 def dual_attention_head_attention_memory(batch: int, in_channels: int, height: int, width: int, *, channels: int,
-                                         reduction: int = 8, fused: bool = False, bytes_per_element: int = 4) -> int:
+                                         reduction: int = 8, fused: bool = False, device: torch.device | str = "cpu",
+                                         bytes_per_element: int = 4) -> int:
     """Bytes of the PAM's B×N×N and the CAM's B×C'×C' maps, each by the core's rule.
 
-    On the fused path the PAM stores none, and the CAM still stores its small C'×C' map (see
-    :func:`channel_attention_attention_memory`).
+    On the fused path the PAM stores none on CUDA (but does on a CPU, see
+    :func:`position_attention_attention_memory`), and the CAM still stores its small C'×C' map
+    (see :func:`channel_attention_attention_memory`).
 
     ``in_channels`` is accepted for a signature uniform with the other blocks; the maps do not depend on it.
     """
     return (position_attention_attention_memory(batch, channels, height, width, reduction=reduction, fused=fused,
-                                                bytes_per_element=bytes_per_element)
+                                                device=device, bytes_per_element=bytes_per_element)
             + channel_attention_attention_memory(batch, channels, height, width, fused=fused,
                                                  bytes_per_element=bytes_per_element))

@@ -38,8 +38,7 @@ The cost is :math:`O(d_h d_w G^2 + G (d_h d_w)^2)` instead of :math:`O((d_h d_w 
 We follow openseg's ``ISA_Block`` (whose signature this is); mmseg's ``ISAHead`` builds the same
 thing with the value width tied to the input width and a bias in the value conv.
 The 1×1 convolutions and BatchNorm act per position (BN's statistics pool every position either
-way), so we apply them on the whole padded map and regroup only the tokens that meet in
-:func:`attnlib.core.attend` — the official code regroups first; the result is the same.
+way), so, as in the official code, each stage regroups its input once and runs them on the groups.
 
 **Padding — a deliberate deviation.**  The official code zero-pads the map to multiples of
 :math:`(d_h, d_w)` (``pad // 2`` before, the rest after) and lets the padded positions take part
@@ -82,10 +81,10 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
 
 
 # The padded map, viewed as (B, C, g_h, d_h, g_w, d_w), is permuted so that the group comes first,
-# then the position inside the group, then the channels:
-#   long range  -> (B, d_h, d_w | g_h, g_w | C): one group per offset, one position from every block;
-#   short range -> (B, g_h, g_w | d_h, d_w | C): one group per block, its d_h·d_w positions.
-_GROUP = {"long": (0, 3, 5, 2, 4, 1), "short": (0, 2, 4, 3, 5, 1)}
+# then the channels, then the position inside the group:
+#   long range  -> (B, d_h, d_w | C | g_h, g_w): one group per offset, one position from every block;
+#   short range -> (B, g_h, g_w | C | d_h, d_w): one group per block, its d_h·d_w positions.
+_GROUP = {"long": (0, 3, 5, 1, 2, 4), "short": (0, 2, 4, 1, 3, 5)}
 _UNGROUP = {kind: tuple(perm.index(axis) for axis in range(6)) for kind, perm in _GROUP.items()}  # the inverses
 
 
@@ -116,6 +115,10 @@ class _Layout:
     def needs_padding(self) -> bool:
         return self.padded != (self.height, self.width)
 
+    def groups(self, kind: str) -> int:
+        (gh, gw), (dh, dw) = self.grid, self.block
+        return dh * dw if kind == "long" else gh * gw
+
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         (top, left), (hp, wp) = self.offset, self.padded
         return F.pad(x, (left, wp - self.width - left, top, hp - self.height - top))
@@ -125,25 +128,29 @@ class _Layout:
         return x[..., top:top + self.height, left:left + self.width]
 
     def group(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """B×C×H_p×W_p → B×groups×(positions per group)×C; ``kind`` is ``"long"`` or ``"short"``."""
+        """B×C×H_p×W_p → (B·groups)×C×(positions per group)×1: each group a little feature map.
+
+        ``kind`` is ``"long"`` or ``"short"``.  The 1×1 convolutions and BatchNorm then run on the
+        groups as they would on the map (one copy, as in the official code, instead of one per projection).
+        """
         (gh, gw), (dh, dw) = self.grid, self.block
         grouped = x.reshape(x.shape[0], x.shape[1], gh, dh, gw, dw).permute(_GROUP[kind])
-        groups = dh * dw if kind == "long" else gh * gw
-        return grouped.reshape(x.shape[0], groups, -1, x.shape[1])
+        return grouped.reshape(x.shape[0] * self.groups(kind), x.shape[1], -1, 1)
 
     def ungroup(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """The inverse of :meth:`group`: B×groups×positions×C → B×C×H_p×W_p."""
+        """The inverse of :meth:`group`: (B·groups)×C×positions×1 → B×C×H_p×W_p."""
         (gh, gw), (dh, dw) = self.grid, self.block
-        shape = (dh, dw, gh, gw) if kind == "long" else (gh, gw, dh, dw)
-        return x.reshape(x.shape[0], *shape, x.shape[-1]).permute(_UNGROUP[kind]).reshape(x.shape[0], -1, *self.padded)
+        shape = (dh, dw, x.shape[1], gh, gw) if kind == "long" else (gh, gw, x.shape[1], dh, dw)
+        batch = x.shape[0] // self.groups(kind)
+        return x.reshape(batch, *shape).permute(_UNGROUP[kind]).reshape(batch, x.shape[1], *self.padded)
 
     def index(self, kind: str, device: torch.device) -> torch.Tensor:
         """groups×positions: the row-major index in the padded map of each grouped position."""
         positions = torch.arange(self.padded[0] * self.padded[1], device=device)
-        return self.group(positions.reshape(1, 1, *self.padded), kind)[0, :, :, 0]
+        return self.group(positions.reshape(1, 1, *self.padded), kind)[:, 0, :, 0]
 
     def key_mask(self, kind: str, batch: int, device: torch.device) -> torch.Tensor | None:
-        """``attend``'s mask (True = may attend) that hides padded keys, or ``None`` if nothing is padded.
+        """``attend``'s mask (True = may attend), (B·groups)×S×S, that hides padded keys; ``None`` if none is padded.
 
         A group without any real key keeps all its keys (those queries are padding themselves).
         """
@@ -152,10 +159,10 @@ class _Layout:
         real = torch.zeros(1, 1, *self.padded, dtype=torch.bool, device=device)
         top, left = self.offset
         real[..., top:top + self.height, left:left + self.width] = True
-        keys = self.group(real, kind)[0, :, :, 0]  # groups×positions
+        keys = self.group(real, kind)[:, 0, :, 0]  # groups×positions
         keys = keys | ~keys.any(dim=1, keepdim=True)
         groups, size = keys.shape
-        return keys[None, :, None, :].expand(batch, groups, size, size)
+        return keys[None, :, None, :].expand(batch, groups, size, size).reshape(batch * groups, size, size)
 
     def dense(self, weights: torch.Tensor, kind: str) -> torch.Tensor:
         """Per-group weights B×groups×S×S (S positions per group) as the B×N_p×N_p matrix over the padded map."""
@@ -184,11 +191,15 @@ class SelfAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: _Layout, kind: str, *, fused: bool, need_weights: bool):
         """x: B×C×H_p×W_p (padded).  Returns ρ(context), B×out×H_p×W_p, and the weights B×groups×S×S or None."""
-        q, k, v = (layout.group(f(x), kind) for f in (self.query, self.key, self.value))
+        groups = layout.group(x, kind)  # (B·groups)×C×S×1
+        q, k, v = (f(groups).flatten(2).mT for f in (self.query, self.key, self.value))  # (B·groups)×S×width
         mask = layout.key_mask(kind, x.shape[0], x.device)
         context, weights = attend(q, k, v, scale=self.key_channels ** -0.5, mask=mask,
                                   need_weights=need_weights, fused=fused)
-        return self.out(layout.ungroup(context, kind)), weights
+        out = self.out(context.mT.unsqueeze(-1))  # ρ on (B·groups)×d_v×S×1
+        if weights is not None:
+            weights = weights.reshape(x.shape[0], -1, *weights.shape[-2:])
+        return layout.ungroup(out, kind), weights
 
 
 class InterlacedSparseAttention(nn.Module):

@@ -1,21 +1,69 @@
-"""``python -m attnlib.bench`` runs every block on both paths and reports consistent rows."""
+"""``python -m attnlib.bench`` runs every block on both paths (and its plain peer) and reports consistent rows;
+each plain transcription in :mod:`attnlib.peers` computes its block's function."""
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from attnlib import bench
+from attnlib.peers import PEERS
+from conftest import randomize_, set_fused
 
 
 def test_bench_runs_every_block_on_both_paths(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rows = bench.main(["--sizes", "1x16x6x7", "--min-run-time", "0.01", "--rounds", "1", "--device", "cpu", "--json", str(out)])
     assert {(r.block, r.path) for r in rows} == {(b, p) for b in bench.BLOCKS for p in ("reference", "fused")}
-    assert all(r.ms > 0 and r.gflops > 0 and r.peak_mb is None for r in rows)  # no peak counter on a CPU
+    assert all(r.ms > 0 and r.train_ms > 0 and r.gflops > 0 and r.peak_mb is None for r in rows)  # no peak counter on a CPU
     printed = capsys.readouterr().out
-    assert "speed-up" in printed and all(name in printed for name in bench.BLOCKS)
+    assert "vs fused" in printed and "fwd+bwd ms" in printed and all(name in printed for name in bench.BLOCKS)
     assert len(json.loads(out.read_text())["rows"]) == len(rows)
+
+
+def test_peers_add_one_plain_row_per_block_with_its_ratio_to_the_fused_path(capsys):
+    rows = bench.main(["--sizes", "1x16x5x6", "--blocks", "cam", "isa", "--min-run-time", "0.01", "--rounds", "1",
+                       "--device", "cpu", "--peers"])
+    assert [(r.block, r.path) for r in rows] == [(b, p) for b in ("cam", "isa") for p in ("reference", "fused", "plain")]
+    plain = {r.block: r for r in rows if r.path == "plain"}
+    fused = {r.block: r for r in rows if r.path == "fused"}
+    assert all(r.attention_mb is None for r in plain.values())
+    printed = capsys.readouterr().out
+    for name in ("cam", "isa"):
+        line = next(line for line in printed.splitlines() if line.startswith(name) and " plain " in line)
+        assert f"{plain[name].ms / fused[name].ms:.2f}x/{plain[name].train_ms / fused[name].train_ms:.2f}x" in line
+
+
+def test_every_block_has_a_plain_peer():
+    assert set(PEERS) == set(bench.BLOCKS)
+
+
+@pytest.mark.parametrize("name", sorted(bench.BLOCKS))
+@pytest.mark.parametrize("size", [(2, 16, 7, 11), (1, 16, 16, 16), (2, 16, 13, 5)], ids=lambda s: "x".join(map(str, s)))
+def test_plain_peer_computes_the_blocks_function_in_float64(name, size):
+    # 16×16 is divisible by ISA's 8×8 blocks; 7×11 and 13×5 are padded (and masked)
+    block = randomize_(bench.BLOCKS[name](size[1]).double().eval(), std=0.3)
+    inputs = tuple(t.double() for t in bench.block_inputs(name, size, torch.device("cpu")))
+    with torch.no_grad():
+        plain = PEERS[name](block, *inputs)
+        for fused in (False, True):
+            torch.testing.assert_close(set_fused(block, fused)(*inputs), plain, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(bench.BLOCKS))
+def test_plain_peer_has_the_blocks_gradients(name):
+    block = randomize_(bench.BLOCKS[name](16).double().eval(), std=0.3)
+    inputs = tuple(t.double().requires_grad_() for t in bench.block_inputs(name, (1, 16, 7, 9), torch.device("cpu")))
+    grads = []
+    for run in (block, lambda *xs: PEERS[name](block, *xs)):
+        params = [p for p in block.parameters()]
+        grads.append(torch.autograd.grad(run(*inputs).sum(), (*inputs, *params), allow_unused=True))
+    for ours, theirs in zip(*grads):
+        if ours is None or theirs is None:
+            assert ours is None and theirs is None
+        else:
+            torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("size", ["1x512x97", "0x512x97x97", "1xAx97x97"])

@@ -102,20 +102,64 @@ def test_bf16_autocast():
             assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("n_q, n_k, d_k, expected", [
-    (7, 9, 5, True),     # more keys than channels: SDPA saves the 7×9 matrix
-    (1, 9, 5, False),    # a single query (GCNet): nothing to save
-    (7, 4, 5, False),    # fewer keys than query channels (CAM, ANN's pooled keys)
-    (7, 5, 5, True),
+@pytest.mark.parametrize("n_q, n_k, d_k, d_v, expected", [
+    (7, 9, 5, 5, True),     # more keys than channels: SDPA saves the 7×9 matrix
+    (1, 9, 5, 5, False),    # a single query (GCNet): nothing to save
+    (7, 4, 5, 5, False),    # fewer keys than query channels (CAM, ANN's pooled keys)
+    (7, 5, 5, 5, True),
+    (7, 9, 5, 3, False),    # d_v ≠ d_k (DANet's PAM): no CPU flash kernel, SDPA would store the matrix
 ])
-def test_fused_kernel_is_called_exactly_when_the_rule_says(monkeypatch, n_q, n_k, d_k, expected):
+def test_fused_kernel_is_called_exactly_when_the_rule_says(monkeypatch, n_q, n_k, d_k, d_v, expected):
     import attnlib.core as core
 
     calls = []
     sdpa = core.F.scaled_dot_product_attention
     monkeypatch.setattr(core.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
-    q, k, v = operands(2, n_q=n_q, n_k=n_k, d_k=d_k)
+    q, k, v = operands(2, n_q=n_q, n_k=n_k, d_k=d_k, d_v=d_v)
     fused, _ = attend(q, k, v)
-    assert bool(calls) == expected == core.takes_fused_path(n_q, n_k, d_k)
-    assert core.attention_matrix_bytes(2, n_q, n_k, d_k, fused=True) == (0 if expected else 2 * n_q * n_k * 4)
+    assert bool(calls) == expected == core.takes_fused_path(n_q, n_k, d_k, d_v=d_v)
+    assert core.attention_matrix_bytes(2, n_q, n_k, d_k, d_v=d_v, fused=True) == (0 if expected else 2 * n_q * n_k * 4)
     torch.testing.assert_close(fused, attend(q, k, v, fused=False)[0], rtol=0, atol=1e-5)
+
+
+def test_cuda_has_a_memory_saving_kernel_for_any_value_width():
+    from attnlib.core import attention_matrix_bytes, takes_fused_path
+
+    assert takes_fused_path(7, 9, 5, d_v=3, device="cuda") and not takes_fused_path(7, 9, 5, d_v=3, device="cpu")
+    assert attention_matrix_bytes(2, 7, 9, 5, d_v=3, device=torch.device("cuda"), fused=True) == 0
+
+
+def test_cpu_flash_kernel_runs_for_equal_widths_and_not_for_unequal_ones():
+    """The premise of the d_v rule, checked on this torch: which SDPA kernel a CPU actually runs."""
+    from torch.profiler import profile
+
+    def kernels(d_v):
+        q, k, v = operands(2, n_q=16, n_k=16, d_k=8, d_v=d_v)
+        with profile() as prof:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return {e.name for e in prof.events()}
+
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels(8)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" not in kernels(16)
+
+
+def test_plain_path_flushes_subnormal_weights_of_small_matrices():
+    """Weights below finfo.tiny are 0 (not subnormal) where the matrix is small, and the output is unchanged."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 6, 80, generator=g)  # DANet's CAM: 6 channels of 80 positions, official sign
+    out, weights = attend(-a, a, a, scale=1.0, need_weights=True)
+    tiny = torch.finfo(torch.float32).tiny
+    plain = (-a @ a.transpose(1, 2)).softmax(-1)
+    assert ((plain > 0) & (plain < tiny)).any()  # the case exists: a float32 softmax gives subnormal weights
+    exact = (-a.double() @ a.double().transpose(1, 2)).softmax(-1)
+    assert not ((weights > 0) & (weights < tiny)).any()
+    torch.testing.assert_close(weights.double(), exact, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.double(), exact @ a.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_plain_path_scales_the_queries_exactly():
+    q, k, v = operands(2, dtype=torch.float64)
+    out, weights = attend(q, k, v, scale=0.3, need_weights=True)
+    expected = (0.3 * q @ k.transpose(1, 2)).softmax(-1)
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(out, expected @ v)

@@ -270,7 +270,9 @@ def test_formulas():
                                                    "matmul": 2 * b * n * n * 2 + 2 * b * n * n * 16}
     assert channel_attention_flops(b, c, h, w) == {"conv": 0, "matmul": 4 * b * c * c * n}
     assert position_attention_attention_memory(b, c, h, w) == b * n * n * 4
-    assert position_attention_attention_memory(b, c, h, w, fused=True) == 0
+    # d_v = C ≠ d_k = C/r: no memory-saving kernel on a CPU, so the fused path stores S there too
+    assert position_attention_attention_memory(b, c, h, w, fused=True) == b * n * n * 4
+    assert position_attention_attention_memory(b, c, h, w, fused=True, device="cuda") == 0
     assert channel_attention_attention_memory(b, c, h, w) == b * c * c * 4
     assert channel_attention_attention_memory(b, c, 3, 3) == b * c * c * 4  # independent of H and W
     assert channel_attention_attention_memory(b, c, h, w, fused=True) == b * c * c * 4  # C keys < N channels: plain path
@@ -335,11 +337,11 @@ def test_head_attention_memory_sums_its_modules_on_their_own_paths():
     head = DualAttentionHead(12, 8, reduction=4, fused=False)
     assert head.attention_memory(2, 5, 7) == dual_attention_head_attention_memory(2, 12, 5, 7, channels=8, reduction=4)
     assert head.attention_memory(2, 5, 7) == 2 * (35 * 35 + 64) * 4
-    head.pam.fused = True  # the PAM's 35 keys >= its 2 key channels: fused, nothing stored
-    assert head.attention_memory(2, 5, 7) == 2 * 64 * 4
-    head.fused = True  # the CAM's 8 keys < its 35 "channels": the core's plain path stores X anyway
-    assert head.attention_memory(2, 5, 7) == 2 * 64 * 4
-    assert dual_attention_head_attention_memory(2, 12, 5, 7, channels=8, reduction=4, fused=True) == 2 * 64 * 4
+    head.fused = True  # on a CPU the PAM (d_v ≠ d_k) and the CAM (8 keys < 35 "channels") both store their maps
+    assert head.attention_memory(2, 5, 7) == 2 * (35 * 35 + 64) * 4
+    # on CUDA the PAM's 35 keys >= its 2 key channels: fused, nothing stored; the CAM still stores X
+    assert dual_attention_head_attention_memory(2, 12, 5, 7, channels=8, reduction=4, fused=True,
+                                                device="cuda") == 2 * 64 * 4
 
 
 def test_head_validates_its_settings_and_input():
