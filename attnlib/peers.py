@@ -9,8 +9,8 @@ an attnlib block is at least as fast as the obvious code (``python -m attnlib.be
 
 A peer takes the block and the block's inputs, ``peer(block, *inputs)``, and uses the block's
 modules (convolutions, BatchNorm, ...) as they are, so the two compute one function.  Where
-the usual code differs from the block (mmseg's ISA pads without masking, mmcv's non-local
-block scales the logits), the transcription follows the block, so the comparison is fair.
+the usual code differs from the block (mmseg's ISA pads without masking), the transcription
+follows the block, so the comparison is fair.
 """
 from __future__ import annotations
 
@@ -31,12 +31,12 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def nonlocal_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """mmcv's ``NonLocal2d`` (embedded Gaussian), without its 1/√d scaling."""
+    """mmcv's ``NonLocal2d`` (embedded Gaussian; its ``use_scale`` is the block's ``scale``)."""
     b, _, h, w = x.shape
     g = _flat(block.g(x)).permute(0, 2, 1)  # B×N×d
     theta = _flat(block.theta(x)).permute(0, 2, 1)
     phi = _flat(block.phi(x))  # B×d×N
-    weights = torch.matmul(theta, phi).softmax(dim=-1)
+    weights = (torch.matmul(theta, phi) * block.scale).softmax(dim=-1)
     y = torch.matmul(weights, g).permute(0, 2, 1).reshape(b, -1, h, w)
     return x + block.out_norm(block.out_proj(y))
 
