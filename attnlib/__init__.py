@@ -8,7 +8,7 @@ share (:mod:`attnlib.data`, :mod:`attnlib.models`, :mod:`attnlib.train`).
 """
 __version__ = "0.1.0"  # before the imports: attnlib.train records it in every checkpoint
 
-from . import complexity
+from . import analysis, complexity
 from .ann import AFNB, APNB, pyramid_sample
 from .ccnet import CrissCrossAttention, RecurrentCrissCross, criss_cross_mask
 from .core import attend, set_fused
@@ -23,6 +23,6 @@ from .train import profile
 __all__ = [
     "AFNB", "APNB", "ChannelAttention", "ContextBlock", "CrissCrossAttention", "DualAttentionHead",
     "InterlacedSparseAttention", "NonLocal2d", "PositionAttention", "RecurrentCrissCross", "SimplifiedNonLocal2d",
-    "attend", "attention_map", "channel_attention_map", "complexity", "criss_cross_mask", "profile",
+    "analysis", "attend", "attention_map", "channel_attention_map", "complexity", "criss_cross_mask", "profile",
     "pyramid_sample", "set_fused",
 ]
