@@ -2,12 +2,13 @@
 
 Usage::
 
-    python -m attnlib.experiments --heads all --seeds 3 [--profile quick|full] [--out results]
+    python -m attnlib.experiments --heads all --seeds 3 [--first-seed 0] [--profile quick|full] [--out results]
 
 For each head (the FCN baseline included) and seed ``k`` it trains the network with
 :func:`attnlib.models.load_trained` — so a finished run in its checkpoint cache is not
 trained twice and an interrupted one resumes — and
-writes ``<out>/<head>-seed<k>.json`` (atomically) with
+writes ``<out>/<profile>/<head>-seed<k>.json`` (atomically; quick and full records never
+overwrite each other) with
 
 * ``test``: mIoU, per-class IoU by class name (``null`` for a class absent from both
   prediction and ground truth), pixel accuracy, confusion matrix;
@@ -40,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .models import HEADS, load_trained
 from .train import PROFILES, atomic_write, check_profile, profile
 
-__all__ = ["count_flops", "main", "run"]
+__all__ = ["count_flops", "load_results", "main", "record_path", "run"]
 
 FLOP_INPUT = (1, 3, 360, 480)
 
@@ -69,6 +70,23 @@ def _finite(obj):
     return obj
 
 
+def record_path(out: str | os.PathLike, profile_name: str, head: str, seed: int) -> Path:
+    """Where the record of ``head`` with ``seed`` under ``profile_name`` lives: ``<out>/<profile>/<head>-seed<k>.json``."""
+    return Path(out) / check_profile(profile_name) / f"{head}-seed{seed}.json"
+
+
+def load_results(profile_name: str, out: str | os.PathLike = "results") -> dict[str, list[dict]]:
+    """Every record under ``<out>/<profile>/``, as ``{head: [record of seed 0, seed 1, ...]}`` in
+    :data:`HEADS` order; heads without a record are left out."""
+    folder = Path(out) / check_profile(profile_name)
+    found: dict[str, list[dict]] = {}
+    for head in HEADS:
+        paths = sorted(folder.glob(f"{head}-seed*.json"), key=lambda p: int(p.stem.rsplit("seed", 1)[1]))
+        if paths:
+            found[head] = [json.loads(p.read_text()) for p in paths]
+    return found
+
+
 def run(head: str, seed: int, profile_name: str, out: str | os.PathLike, *, root: str | os.PathLike | None = None,
         checkpoint_dir: str | os.PathLike | None = None) -> dict:
     """Train (or load) one head with one seed under one profile and write its JSON record."""
@@ -93,7 +111,7 @@ def run(head: str, seed: int, profile_name: str, out: str | os.PathLike, *, root
         "git_commit": run_info["git_commit"],
         "curves": result["history"],
     }
-    with atomic_write(Path(out) / f"{head}-seed{seed}.json", "w") as f:
+    with atomic_write(record_path(out, profile_name, head, seed), "w") as f:
         json.dump(_finite(record), f, indent=1, allow_nan=False)
     return record
 
@@ -109,14 +127,18 @@ def _heads(arg: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m attnlib.experiments", description=__doc__.split("\n\n")[0])
     parser.add_argument("--heads", type=_heads, default=list(HEADS), help="'all' or comma-separated names (default all)")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds first..N-1 (default 1)")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0)")
     parser.add_argument("--profile", type=check_profile, default=None, help="quick or full (default: attnlib.train.profile())")
-    parser.add_argument("--out", default="results", help="folder for the JSON records (default results)")
+    parser.add_argument("--out", default="results", help="folder for the JSON records, one subfolder per profile "
+                                                         "(default results)")
     parser.add_argument("--root", default=None, help="CamVid folder (default $ATTNLIB_DATA)")
     parser.add_argument("--checkpoints", default=None, help="checkpoint folder (default $ATTNLIB_CHECKPOINTS or the cache)")
     args = parser.parse_args(argv)
+    if not 0 <= args.first_seed < args.seeds:
+        parser.error(f"expected 0 <= --first-seed < --seeds, got {args.first_seed} and {args.seeds}")
     profile_name = args.profile or profile()
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.seeds):
         for head in args.heads:
             record = run(head, seed, profile_name, args.out, root=args.root, checkpoint_dir=args.checkpoints)
             print(f"{head:9s} seed {seed}  test mIoU {100 * record['test']['miou']:5.1f}%  "

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from . import train
+from . import release, train
 from ._checks import check_feature_map
 from .data import user_folder
 from .ann import AFNB, APNB
@@ -280,7 +280,10 @@ def load_trained(name: str, profile: str | None = None, root: str | os.PathLike 
     """The network with head ``name`` trained on CamVid under ``profile``: one call per chapter.
 
     If ``<checkpoint dir>/<name>-<profile>-seed<seed>.pt`` holds a finished run, its
-    weights and recorded metrics are loaded (``torch.load(weights_only=True)``).
+    weights and recorded metrics are loaded (``torch.load(weights_only=True)``).  If it is
+    absent and the book's release publishes that file, it is downloaded and checked
+    against its SHA-256 first (:func:`attnlib.release.fetch`; any failure falls back to
+    training, with a warning saying why).
     Otherwise the network is built from ``seed`` and trained by :func:`attnlib.train.fit`
     on the profile's schedule (an interrupted run resumes from its last checkpoint),
     saved there, and returned.
@@ -303,6 +306,8 @@ def load_trained(name: str, profile: str | None = None, root: str | os.PathLike 
         raise ValueError(f"unknown head {name!r}: expected one of {HEADS}")
     profile = train.profile() if profile is None else train.check_profile(profile)
     path = cache_dir(checkpoint_dir) / f"{name}-{profile}-seed{seed}.pt"
+    if not path.exists():
+        release.fetch(path.name, path)  # the published weights, if any; on failure we train
     train.seed_everything(seed)
     model = build(name)
     result = train.fit(model, train.PROFILES[profile], root=root, seed=seed, checkpoint=path, resume=True)
