@@ -249,8 +249,8 @@ class APNB(_PyramidNonLocal):
     def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
         """Bytes of attention matrix :meth:`forward` stores; see :func:`apnb_attention_memory`."""
         return apnb_attention_memory(batch, self.in_channels, height, width, key_channels=self.key_channels,
-                                     pool_sizes=self.pool_sizes,
-                                     fused=self.fused, bytes_per_element=bytes_per_element)
+                                     value_channels=self.value_channels, pool_sizes=self.pool_sizes, fused=self.fused,
+                                     device=self.W.weight.device, bytes_per_element=bytes_per_element)
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, key_channels={self.key_channels}, "
@@ -318,8 +318,8 @@ class AFNB(_PyramidNonLocal):
     def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
         """Bytes of attention matrix :meth:`forward` stores; see :func:`afnb_attention_memory`."""
         return afnb_attention_memory(batch, self.high_channels, height, width, key_channels=self.key_channels,
-                                     pool_sizes=self.pool_sizes,
-                                     fused=self.fused, bytes_per_element=bytes_per_element)
+                                     value_channels=self.value_channels, pool_sizes=self.pool_sizes, fused=self.fused,
+                                     device=self.W.weight.device, bytes_per_element=bytes_per_element)
 
     def extra_repr(self) -> str:
         return (f"low_channels={self.low_channels}, high_channels={self.high_channels}, out_channels={self.out_channels}, "
@@ -370,21 +370,24 @@ def afnb_flops(batch: int, channels: int, height: int, width: int, *, low_channe
 
 
 def apnb_attention_memory(batch: int, channels: int, height: int, width: int, *, key_channels: int,
-                          pool_sizes: Sequence[int] = POOL_SIZES, fused: bool = False, bytes_per_element: int = 4) -> int:
+                          value_channels: int | None = None, pool_sizes: Sequence[int] = POOL_SIZES,
+                          fused: bool = False, device: torch.device | str = "cpu", bytes_per_element: int = 4) -> int:
     """Bytes of the B×N×S attention matrix: :math:`BNS` elements, linear in N (the non-local block's is :math:`BN^2`).
 
     The fused path stores none — unless there are fewer samples S than key channels (110 keys
     against 256 channels in the paper's setting), where the core takes its plain path on either
-    setting because the matrix is smaller than the queries (:func:`attnlib.core.takes_fused_path`).
+    setting because the matrix is smaller than the queries, and, on a CPU, unless ``value_channels``
+    differs from ``key_channels`` (no flash kernel; ``None`` means equal; :func:`attnlib.core.takes_fused_path`).
     ``channels`` does not enter; it keeps the signature of the other formulas.
     """
-    return attention_matrix_bytes(batch, height * width, num_samples(pool_sizes), key_channels, fused=fused,
-                                  bytes_per_element=bytes_per_element)
+    return attention_matrix_bytes(batch, height * width, num_samples(pool_sizes), key_channels, d_v=value_channels,
+                                  device=device, fused=fused, bytes_per_element=bytes_per_element)
 
 
 def afnb_attention_memory(batch: int, channels: int, height: int, width: int, *, key_channels: int,
-                          pool_sizes: Sequence[int] = POOL_SIZES, fused: bool = False, bytes_per_element: int = 4) -> int:
+                          value_channels: int | None = None, pool_sizes: Sequence[int] = POOL_SIZES,
+                          fused: bool = False, device: torch.device | str = "cpu", bytes_per_element: int = 4) -> int:
     """Bytes of AFNB's B×N×S attention matrix: the same :math:`BNS` elements as :func:`apnb_attention_memory`."""
-    return apnb_attention_memory(batch, channels, height, width, key_channels=key_channels, pool_sizes=pool_sizes,
-                                 fused=fused,
+    return apnb_attention_memory(batch, channels, height, width, key_channels=key_channels,
+                                 value_channels=value_channels, pool_sizes=pool_sizes, fused=fused, device=device,
                                  bytes_per_element=bytes_per_element)

@@ -133,12 +133,13 @@ class CrissCrossAttention(nn.Module):
         # One softmax over the H + W energies (H + W - 1 finite): the A of eq. 1.
         attention = torch.cat([e_col, e_row], dim=-1).softmax(dim=-1)
         a_col, a_row = attention.split([h, w], dim=-1)
-        # Eq. 2: Σ over the column (batched over columns) plus Σ over the row (batched over rows).
-        y_col = a_col.transpose(1, 2) @ v.permute(0, 3, 2, 1)  # B×W×H×C, [b, j, i, c]
-        y_row = a_row @ v.permute(0, 2, 3, 1)  # B×H×W×C, [b, i, j, c]
-        # The sum comes out channels-innermost; made contiguous B×C×H×W once here, so the next
-        # layer's convolutions (RCCA's next loop) do not run on, and propagate, that layout.
-        return (y_col.permute(0, 3, 2, 1) + y_row.permute(0, 3, 1, 2)).contiguous(), attention
+        # Eq. 2: Σ over the column (batched over columns) plus Σ over the row (batched over rows),
+        # values on the left so that the products come out channels-first, like the feature map.
+        y_col = v.permute(0, 3, 1, 2) @ a_col.permute(0, 2, 3, 1)  # B×W×C×H, [b, j, c, i]
+        y_row = v.permute(0, 2, 1, 3) @ a_row.transpose(-1, -2)  # B×H×C×W, [b, i, c, j]
+        # One copy to contiguous B×C×H×W, so the next layer's convolutions (RCCA's next loop) do
+        # not run on, and pass on, a permuted layout.
+        return (y_row.permute(0, 2, 1, 3) + y_col.permute(0, 2, 3, 1)).contiguous(), attention
 
     @staticmethod
     def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_weights: bool):

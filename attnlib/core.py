@@ -36,14 +36,14 @@ Three details of the plain path make it fast without changing what it computes:
 * when the values are a feature map seen as tokens (a transposed view), :math:`AV` is computed
   as :math:`(V^\top A^\top)^\top`, so that neither it nor its gradient transposes the map;
 * where the matrix is no larger than the queries (:math:`N_k \le d_k`: DANet's channel
-  attention, ANN, ISA at 512 channels), weights below ``torch.finfo(dtype).tiny`` are
-  set to 0.  Such weights are *subnormal* floats, which a CPU multiplies many times more slowly
-  than normal ones, and a weight below :math:`10^{-38}` changes no output by more than float
-  rounding.  DANet's channel attention, whose official sign drives many weights there, runs
-  several times faster for it (``python -m attnlib.bench --blocks cam``).  On those small
-  matrices the extra pass is cheap; on the large :math:`N\times N` ones (position attention,
-  the reference paths) it would cost a tenth of the block, so they do without, like every
-  other implementation.  The flush is local to ``attend``: the process-wide switch
+  attention, ANN, ISA at 512 channels), weights below ``torch.finfo(dtype).tiny`` are set
+  to 0.  Such weights are *subnormal* floats: CPUs that handle them in microcode multiply them
+  many times more slowly than normal numbers, and DANet's channel attention, whose official
+  sign (softmax of :math:`-E`) spreads its logits over hundreds, produces them.  A weight below
+  :math:`10^{-38}` changes no output by more than float rounding.  On those small matrices the
+  extra pass is cheap; on the large :math:`N\times N` ones (position attention, the reference
+  paths) it would cost more than half as much as the softmax, so they do without, like every other
+  implementation.  The flush is local to ``attend``: the process-wide switch
   (``torch.set_flush_denormal``) stays as the user set it.
 """
 from __future__ import annotations

@@ -264,8 +264,9 @@ class InterlacedSparseAttention(nn.Module):
     def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
         """Bytes of attention :meth:`forward` stores; see :func:`interlaced_sparse_attention_memory`."""
         return interlaced_sparse_attention_memory(batch, self.in_channels, height, width, key_channels=self.key_channels,
-                                                  down_factor=self.down_factor,
-                                                  fused=self.fused, bytes_per_element=bytes_per_element)
+                                                  value_channels=self.value_channels, down_factor=self.down_factor,
+                                                  fused=self.fused, device=self.long_range.value.weight.device,
+                                                  bytes_per_element=bytes_per_element)
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, key_channels={self.key_channels}, value_channels={self.value_channels}, "
@@ -305,7 +306,8 @@ def interlaced_sparse_flops(batch: int, channels: int, height: int, width: int, 
 
 
 def interlaced_sparse_attention_memory(batch: int, channels: int, height: int, width: int, *, key_channels: int,
-                                       down_factor=(8, 8), fused: bool = False, bytes_per_element: int = 4) -> int:
+                                       value_channels: int | None = None, down_factor=(8, 8), fused: bool = False,
+                                       device: torch.device | str = "cpu", bytes_per_element: int = 4) -> int:
     r"""Bytes of the attention weights the reference path stores: :math:`B\,(P\,G^2 + G\,P^2)` elements.
 
     Long range: :math:`P = d_h d_w` matrices of :math:`G\times G` (:math:`G = g_h g_w`, padded);
@@ -313,9 +315,11 @@ def interlaced_sparse_attention_memory(batch: int, channels: int, height: int, w
     \approx \sqrt N` that is :math:`O(N^{1.5})` against :math:`O(N^2)`.  The fused path stores none
     (``scaled_dot_product_attention``'s kernels tile the matrices) — except for a stage whose
     groups have fewer positions than ``key_channels``, where the core's plain path is as fast
-    and the matrices are small (:func:`attnlib.core.takes_fused_path`).  ``channels`` does not enter.
+    and the matrices are small, and, on a CPU, unless ``value_channels`` differs from ``key_channels``
+    (no flash kernel; ``None`` means equal; :func:`attnlib.core.takes_fused_path`).  ``channels`` does not enter.
     """
     g, p = _groups(height, width, down_factor)
-    long_range = attention_matrix_bytes(batch * p, g, g, key_channels, fused=fused, bytes_per_element=bytes_per_element)
-    short_range = attention_matrix_bytes(batch * g, p, p, key_channels, fused=fused, bytes_per_element=bytes_per_element)
+    rule = dict(d_v=value_channels, device=device, fused=fused, bytes_per_element=bytes_per_element)
+    long_range = attention_matrix_bytes(batch * p, g, g, key_channels, **rule)
+    short_range = attention_matrix_bytes(batch * g, p, p, key_channels, **rule)
     return long_range + short_range

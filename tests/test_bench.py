@@ -55,10 +55,9 @@ def test_plain_peer_computes_the_blocks_function_in_float64(name, size):
 def test_plain_peer_has_the_blocks_gradients(name):
     block = randomize_(bench.BLOCKS[name](16).double().eval(), std=0.3)
     inputs = tuple(t.double().requires_grad_() for t in bench.block_inputs(name, (1, 16, 7, 9), torch.device("cpu")))
-    grads = []
-    for run in (block, lambda *xs: PEERS[name](block, *xs)):
-        params = [p for p in block.parameters()]
-        grads.append(torch.autograd.grad(run(*inputs).sum(), (*inputs, *params), allow_unused=True))
+    params = list(block.parameters())
+    grads = [torch.autograd.grad(run(*inputs).sum(), (*inputs, *params), allow_unused=True)
+             for run in (block, lambda *xs: PEERS[name](block, *xs))]
     for ours, theirs in zip(*grads):
         if ours is None or theirs is None:
             assert ours is None and theirs is None

@@ -356,3 +356,15 @@ def test_head_validates_its_settings_and_input():
         head(torch.randn(1, 8, 4, 4))
     with pytest.raises(ValueError, match="4-D"):
         head(torch.randn(12, 4, 4))
+
+
+def test_pam_fused_path_on_a_cpu_skips_sdpa_whose_kernel_would_store_the_map(monkeypatch):
+    import attnlib.core as core
+
+    calls = []
+    sdpa = core.F.scaled_dot_product_attention
+    monkeypatch.setattr(core.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    block = random_pam(fused=True)
+    with torch.no_grad():
+        block(torch.randn(1, 8, 5, 6, dtype=torch.float64))
+    assert not calls and block.attention_memory(1, 5, 6) == 30 * 30 * 4

@@ -193,3 +193,22 @@ def test_attention_memory_formula():
     assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=8, fused=True, **kw) == 0
     # 256 key channels: the 64-position short-range groups take the core's plain path and store their P×P matrices
     assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=8, fused=True, key_channels=256) == g * p * p * 4
+
+
+def test_memory_formula_follows_the_kernel_that_runs(monkeypatch):
+    """value ≠ key width: no CPU flash kernel, so the fused path stores its matrices (and says so); on CUDA it would not."""
+    import attnlib.core as core
+
+    calls = []
+    sdpa = core.F.scaled_dot_product_attention
+    monkeypatch.setattr(core.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    unequal = InterlacedSparseAttention(8, 2, 6, 8, down_factor=(2, 2)).eval()  # 4-position groups >= 2 key channels
+    equal = InterlacedSparseAttention(8, 2, 2, 8, down_factor=(2, 2)).eval()
+    with torch.no_grad():
+        unequal(torch.randn(1, 8, 4, 4))
+        assert not calls
+        equal(torch.randn(1, 8, 4, 4))
+        assert len(calls) == 2  # both stages
+    assert unequal.attention_memory(1, 4, 4) == (4 * 4 * 4 + 4 * 4 * 4) * 4 and equal.attention_memory(1, 4, 4) == 0
+    assert interlaced_sparse_attention_memory(1, 8, 4, 4, key_channels=2, value_channels=6, down_factor=(2, 2),
+                                              fused=True, device="cuda") == 0
