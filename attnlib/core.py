@@ -33,8 +33,9 @@ Three details of the plain path make it fast without changing what it computes:
 
 * the scale multiplies the :math:`N_q\times d_k` queries, not the :math:`N_q\times N_k` scores
   (:math:`(sQ)K^\top = s\,QK^\top`), and is skipped when :math:`s = 1`;
-* when the values are a feature map seen as tokens (a transposed view), :math:`AV` is computed
-  as :math:`(V^\top A^\top)^\top`, so that neither it nor its gradient transposes the map;
+* when the values are a feature map seen as tokens (a transposed view) and the matrix is no
+  larger than the values (:math:`N_q \le d_v`: GCNet, ISA), :math:`AV` is computed as
+  :math:`(V^\top A^\top)^\top`, so that neither it nor its gradient transposes the map;
 * where the matrix is no larger than the queries (:math:`N_k \le d_k`: DANet's channel
   attention, ANN, ISA at 512 channels), weights below ``torch.finfo(dtype).tiny`` are set
   to 0.  Such weights are *subnormal* floats: CPUs that handle them in microcode multiply them
@@ -163,9 +164,10 @@ def attend(
         # Subnormal weights (< tiny) make the product below crawl on a CPU; as 0 they change nothing visible.
         weights = F.threshold(weights, torch.finfo(weights.dtype).tiny, 0.0)  # one pass: w if w > tiny else 0
     a = weights.to(value.dtype)
-    if value.mT.is_contiguous() and not value.is_contiguous():
+    if query.shape[-2] <= value.shape[-1] and value.mT.is_contiguous() and not value.is_contiguous():
         # V is a B×d_v×N_k feature map seen as tokens: Y = (VᵀAᵀ)ᵀ reads V, and writes its gradient,
-        # in the map's own layout, instead of a transposed copy.
+        # in the map's own layout.  Only where A (N_q×N_k) is no larger than V: A's gradient then
+        # comes back transposed, which on a large N×N matrix costs more than it saves.
         out = torch.matmul(value.mT, a.mT).mT
     else:
         out = torch.matmul(a, value)  # Y = A V
