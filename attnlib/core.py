@@ -129,7 +129,7 @@ def attend(
     need_weights: bool = False,
     fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    r"""Softmax attention :math:`Y = \operatorname{softmax}(s\,QK^\top + \text{mask})\,V`.
+    r"""Softmax attention :math:`Y = \operatorname{softmax}(s\,QK^\top + M)\,V`.
 
     Args:
         query: ``(..., N_q, d_k)``.
@@ -138,36 +138,45 @@ def attend(
         scale: the factor :math:`s` on the logits.  ``None`` means the transformer's
             :math:`1/\sqrt{d_k}`; the non-local family uses ``1.0`` (no scaling).
         mask: optional boolean ``(N_q, N_k)`` or ``(..., N_q, N_k)``; ``True`` where a
-            query may attend to a key.  Every query must keep at least one key.
-        need_weights: also return the attention matrix :math:`A` (forces the reference path).
+            query may attend to a key (:math:`M` is 0 there, :math:`-\infty` elsewhere).
+            Every query must keep at least one key.
+        need_weights: also return the attention matrix :math:`A` (takes the
+            reference path).
         fused: use ``scaled_dot_product_attention`` when the weights are not needed.
 
     Returns:
-        ``(Y, A)``: ``Y`` is ``(..., N_q, d_v)``; ``A`` is ``(..., N_q, N_k)`` or ``None``.
+        ``(Y, A)``: ``Y`` is ``(..., N_q, d_v)``; ``A`` is ``(..., N_q, N_k)``, or
+        ``None`` when the weights were not asked for.
     """
     _check_operands(query, key, value, mask)
+    n_q, d_k = query.shape[-2:]
+    n_k, d_v = value.shape[-2:]
     if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
-    if takes_fused_path(query.shape[-2], key.shape[-2], query.shape[-1], d_v=value.shape[-1], device=query.device,
+        scale = 1.0 / math.sqrt(d_k)
+    if takes_fused_path(n_q, n_k, d_k, d_v=d_v, device=query.device,
                         fused=fused, need_weights=need_weights):
-        # Contiguous operands: on a CPU, SDPA takes its flash kernel only for those, and falls
-        # back to the math path (which stores A) for transposed views.
+        # Contiguous operands: on a CPU, SDPA takes its flash kernel only for those,
+        # and falls back to the math path (which stores A) for transposed views.
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale), None
+        out = F.scaled_dot_product_attention(query, key, value,
+                                             attn_mask=mask, scale=scale)
+        return out, None
     if scale != 1.0:
-        query = query * scale  # (sQ)K^T = s QK^T: N_q·d_k multiplications instead of N_q·N_k
+        query = query * scale  # (sQ)K^T = s QK^T: N_q·d_k products instead of N_q·N_k
     scores = torch.matmul(query, key.transpose(-2, -1))  # S = s Q K^T
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)  # A = softmax(S), row-wise
-    if key.shape[-2] <= query.shape[-1]:  # a matrix no larger than the queries: the pass is cheap
-        # Subnormal weights (< tiny) make the product below crawl on a CPU; as 0 they change nothing visible.
-        weights = F.threshold(weights, torch.finfo(weights.dtype).tiny, 0.0)  # one pass: w if w > tiny else 0
+    if n_k <= d_k:  # a matrix no larger than the queries: the extra pass is cheap
+        # Subnormal weights (< tiny) make the product below crawl on a CPU;
+        # as 0 they change nothing visible.  One pass: w if w > tiny else 0.
+        weights = F.threshold(weights, torch.finfo(weights.dtype).tiny, 0.0)
     a = weights.to(value.dtype)
-    if query.shape[-2] <= value.shape[-1] and value.mT.is_contiguous() and not value.is_contiguous():
-        # V is a B×d_v×N_k feature map seen as tokens: Y = (VᵀAᵀ)ᵀ reads V, and writes its gradient,
-        # in the map's own layout.  Only where A (N_q×N_k) is no larger than V: A's gradient then
-        # comes back transposed, which on a large N×N matrix costs more than it saves.
+    if n_q <= d_v and value.mT.is_contiguous() and not value.is_contiguous():
+        # V is a B×d_v×N_k feature map seen as tokens: Y = (VᵀAᵀ)ᵀ reads V, and
+        # writes its gradient, in the map's own layout.  Only where A (N_q×N_k) is
+        # no larger than V: A's gradient then comes back transposed, which on a
+        # large N×N matrix costs more than it saves.
         out = torch.matmul(value.mT, a.mT).mT
     else:
         out = torch.matmul(a, value)  # Y = A V

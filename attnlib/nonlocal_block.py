@@ -105,18 +105,22 @@ class NonLocal2d(nn.Module):
         check_positive(in_channels, "in_channels")
         inter_channels = _inter_channels(in_channels, inter_channels)
         _check_mode(mode)
-        for flag, value in (("sub_sample", sub_sample), ("pool_input", pool_input), ("use_scale", use_scale),
-                            ("bn", bn), ("fused", fused)):
+        flags = {"sub_sample": sub_sample, "pool_input": pool_input,
+                 "use_scale": use_scale, "bn": bn, "fused": fused}
+        for flag, value in flags.items():
             if not isinstance(value, bool):
-                raise ValueError(f"NonLocal2d: expected {flag} to be a bool, got {value!r}")
+                raise ValueError(f"NonLocal2d: expected {flag} to be a bool, "
+                                 f"got {value!r}")
         if pool_input and not sub_sample:
-            raise ValueError("NonLocal2d: pool_input=True says where sub-sampling pools, so expected "
-                             "sub_sample=True, got sub_sample=False")
-        if init_std is not None and not (isinstance(init_std, (int, float)) and init_std > 0):
-            raise ValueError(f"NonLocal2d: expected init_std to be None or a positive number, got {init_std!r}")
+            raise ValueError("NonLocal2d: pool_input=True says where sub-sampling "
+                             "pools, so expected sub_sample=True, got sub_sample=False")
+        positive = isinstance(init_std, (int, float)) and init_std > 0
+        if init_std is not None and not positive:
+            raise ValueError("NonLocal2d: expected init_std to be None or a positive "
+                             f"number, got {init_std!r}")
         self.in_channels, self.inter_channels = in_channels, inter_channels
-        self.mode, self.sub_sample, self.pool_input, self.fused = mode, sub_sample, pool_input, fused
-        self.use_scale, self.init_std = use_scale, init_std
+        self.mode, self.sub_sample, self.pool_input = mode, sub_sample, pool_input
+        self.use_scale, self.init_std, self.fused = use_scale, init_std, fused
 
         self.g = nn.Conv2d(in_channels, inter_channels, 1)
         if mode != "gaussian":  # the plain Gaussian compares raw features x_i^T x_j
@@ -128,16 +132,18 @@ class NonLocal2d(nn.Module):
         self.out_proj = nn.Conv2d(inter_channels, in_channels, 1)  # W_z
         self.out_norm = nn.BatchNorm2d(in_channels) if bn else nn.Identity()
         if init_std is not None:
-            for conv in (getattr(self, name) for name in ("theta", "phi", "g") if hasattr(self, name)):
+            names = [n for n in ("theta", "phi", "g") if hasattr(self, n)]
+            for conv in (getattr(self, n) for n in names):
                 nn.init.normal_(conv.weight, std=init_std)
                 nn.init.zeros_(conv.bias)
         zeroed = self.out_norm if bn else self.out_proj
         nn.init.zeros_(zeroed.weight)
         nn.init.zeros_(zeroed.bias)
 
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """θ(x) as B×N×d, and φ(x), g(x) on the (optionally pooled) key grid as B×N_k×d."""
-        source = self.pool(x) if self.pool_input else x  # the authors' code pools before φ and g
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """θ(x) as B×N×d; φ(x), g(x) on the (optionally pooled) key grid as B×N_k×d."""
+        # The authors' code pools before φ and g; the paper and mmcv pool after.
+        source = self.pool(x) if self.pool_input else x
         if self.mode == "gaussian":
             theta, phi = x, source
         else:
@@ -149,24 +155,33 @@ class NonLocal2d(nn.Module):
 
     @property
     def scale(self) -> float:
-        """The logit scale s: :math:`d^{-1/2}` for the embedded Gaussian with ``use_scale``, else 1."""
-        return self.inter_channels ** -0.5 if self.use_scale and self.mode == "embedded_gaussian" else 1.0
+        """The logit scale s: :math:`d^{-1/2}` for the embedded Gaussian with
+        ``use_scale``, else 1."""
+        if self.use_scale and self.mode == "embedded_gaussian":
+            return self.inter_channels ** -0.5
+        return 1.0
 
     def _pairwise(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         """f(x_i, x_j) / C(x) for the two modes normalised by N (B×N×N_k)."""
         if self.mode == "dot_product":
             return torch.matmul(theta, phi.transpose(1, 2)) / phi.shape[1]
-        w_theta, w_phi = self.concat_project.weight.flatten(1).t().split(self.inter_channels)  # d×1 each
-        # w_f^T [θ_i, φ_j] = w_θ^T θ_i + w_φ^T φ_j: a broadcast add, not an N×N_k×2d concatenation.
+        w_f = self.concat_project.weight.flatten(1).t()  # 2d×1
+        w_theta, w_phi = w_f.split(self.inter_channels)  # d×1 each
+        # w_f^T [θ_i, φ_j] = w_θ^T θ_i + w_φ^T φ_j: a broadcast add, not an
+        # N×N_k×2d concatenation.
         return F.relu(theta @ w_theta + (phi @ w_phi).transpose(1, 2)) / phi.shape[1]
 
     def _aggregate(self, theta, phi, g, need_weights: bool):
-        """Eq. (1): y_i = Σ_j f(x_i, x_j) g(x_j) / C(x).  Returns (y as B×N×d, weights or None)."""
+        """Eq. (1): y_i = Σ_j f(x_i, x_j) g(x_j) / C(x).
+
+        Returns (y as B×N×d, the weights or None)."""
         if self.mode in ("embedded_gaussian", "gaussian"):
-            return attend(theta, phi, g, scale=self.scale, need_weights=need_weights, fused=self.fused)
+            return attend(theta, phi, g, scale=self.scale,
+                          need_weights=need_weights, fused=self.fused)
         if self.mode == "dot_product" and self.fused and not need_weights:
-            # θ (φ^T g) / N: the same sum, O(N d²) instead of O(N² d) — no N×N matrix.
-            return torch.matmul(theta, torch.matmul(phi.transpose(1, 2), g)) / phi.shape[1], None
+            # θ (φ^T g) / N: the same sum, O(N d²) instead of O(N² d); no N×N matrix.
+            y = torch.matmul(theta, torch.matmul(phi.transpose(1, 2), g))
+            return y / phi.shape[1], None
         weights = self._pairwise(theta, phi)
         return torch.matmul(weights, g), (weights if need_weights else None)
 
@@ -220,6 +235,7 @@ class NonLocal2d(nn.Module):
         """Bytes of attention matrix :meth:`forward` stores; see :func:`nonlocal_attention_memory`."""
         return nonlocal_attention_memory(batch, self.in_channels, height, width, inter_channels=self.inter_channels,
                                          mode=self.mode, sub_sample=self.sub_sample, fused=self.fused,
+                                         device=self.g.weight.device,
                                          bytes_per_element=bytes_per_element)
 
     def extra_repr(self) -> str:
@@ -277,7 +293,7 @@ def nonlocal_flops(batch: int, channels: int, height: int, width: int, *, inter_
 
 def nonlocal_attention_memory(batch: int, channels: int, height: int, width: int, *, inter_channels: int | None = None,
                               mode: str = "embedded_gaussian", sub_sample: bool = False, fused: bool = False,
-                              bytes_per_element: int = 4) -> int:
+                              device: torch.device | str = "cpu", bytes_per_element: int = 4) -> int:
     """Bytes of the B×N×N_k attention matrix the reference path materialises — :math:`O(N^2)`.
 
     The fused paths store none (``scaled_dot_product_attention``'s kernels tile it, see
@@ -289,5 +305,7 @@ def nonlocal_attention_memory(batch: int, channels: int, height: int, width: int
         return 0 if fused else batch * n * n_k * bytes_per_element
     if mode == "concatenation":
         return batch * n * n_k * bytes_per_element
-    d_k = channels if mode == "gaussian" else _inter_channels(channels, inter_channels)
-    return attention_matrix_bytes(batch, n, n_k, d_k, fused=fused, bytes_per_element=bytes_per_element)
+    d_v = _inter_channels(channels, inter_channels)  # g's width, whatever the mode
+    d_k = channels if mode == "gaussian" else d_v  # the gaussian compares the inputs themselves
+    return attention_matrix_bytes(batch, n, n_k, d_k, d_v=d_v, device=device, fused=fused,
+                                  bytes_per_element=bytes_per_element)

@@ -136,8 +136,8 @@ def plot_attention(images: torch.Tensor, maps: torch.Tensor, queries: Sequence[t
             continue
         r, c = divmod(k, q)
         i, j = per_image[r][c]
-        ax.imshow(_photo(images[r]))
-        ax.imshow(_heat(up[r, c], norm, alpha))
+        ax.imshow(_photo(images[r]).numpy())  # arrays: NumPy 2 warns on a tensor's __array__
+        ax.imshow(_heat(up[r, c], norm, alpha).numpy())
         ax.scatter([(j + 0.5) * width / w - 0.5], [(i + 0.5) * height / h - 0.5], **QUERY_STYLE)
         ax.set_title(titles[k] if titles is not None else f"query ({i}, {j})")
     colourbar = fig.colorbar(ScalarMappable(norm=norm, cmap=CMAP), ax=axes, shrink=0.9, aspect=25, pad=0.02)
@@ -188,7 +188,7 @@ def plot_segmentation(images: torch.Tensor, labels: torch.Tensor, predictions: M
             colours = colorize(segmentation).float() / 255
             blend = torch.where((segmentation == IGNORE_INDEX)[..., None], photo,
                                 opacity * colours + (1 - opacity) * photo)
-            axes[r, c].imshow(blend)
+            axes[r, c].imshow(blend.numpy())
             axes[r, c].set_axis_off()
             if r == 0:
                 axes[r, c].set_title(columns[c])

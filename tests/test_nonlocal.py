@@ -144,6 +144,24 @@ def test_flops_at_97x97_worked_example():
     assert NonLocal2d(c, d, fused=False).attention_memory(1, 97, 97) == n * n * 4  # 354 MB in float32
 
 
+def test_memory_formula_follows_the_kernel_that_runs(monkeypatch):
+    """The plain Gaussian compares C-wide inputs but averages d-wide values: no CPU flash kernel, so it stores A."""
+    import attnlib.core as core
+
+    calls = []
+    sdpa = core.F.scaled_dot_product_attention
+    monkeypatch.setattr(core.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    gaussian, embedded = NonLocal2d(16, 8, mode="gaussian").eval(), NonLocal2d(16, 8).eval()
+    with torch.no_grad():
+        gaussian(torch.randn(1, 16, 6, 6))
+        assert not calls
+        embedded(torch.randn(1, 16, 6, 6))
+        assert len(calls) == 1
+    assert gaussian.attention_memory(1, 6, 6) == 36 * 36 * 4 and embedded.attention_memory(1, 6, 6) == 0
+    assert attnlib.complexity.nonlocal_attention_memory(1, 16, 6, 6, inter_channels=8, mode="gaussian",
+                                                        fused=True, device="cuda") == 0
+
+
 def test_flops_of_the_authors_pooling_run_phi_and_g_on_the_pooled_grid():
     c, d, h, w = 16, 8, 6, 10
     n, n_k = h * w, (h // 2) * (w // 2)
