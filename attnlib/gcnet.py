@@ -20,15 +20,18 @@ LayerNorm and fuses by addition:
     z_i = x_i + W_{v2}\,\operatorname{ReLU}\!\big(\operatorname{LN}(W_{v1} c)\big),
     \qquad c = \sum_{j=1}^{N} \alpha_j\, x_j ,
 
-with :math:`W_{v1}: C \to rC` and :math:`W_{v2}: rC \to C` (:math:`r` the ``ratio``, 1/4
-by default).  Both blocks follow the paper's three steps: *context modelling* (:math:`c`),
-*transform* and *fusion*.
+with :math:`W_{v1}: C \to C/r` and :math:`W_{v2}: C/r \to C`, where :math:`r` is the paper's
+*reduction* factor (:math:`r = 16` in the paper; "r16" in the official configs).  Like mmcv
+and mmseg, the argument ``ratio`` is its inverse, :math:`1/r`: the default ``ratio=1/4``
+(mmseg's ``GCHead``) is :math:`r = 4`, and the paper's setting is ``ratio=1/16``.  Both blocks
+follow the paper's three steps: *context modelling* (:math:`c`), *transform* and *fusion*.
 
 **Attention pooling is softmax attention with one learned query.**  Since
 :math:`W_k x_j = w_k^\top x_j + b_k`, the weights :math:`\alpha` are
 :math:`\operatorname{softmax}(q K^\top)` for the single query :math:`q = w_k^\top`, keys
 :math:`K = X` and values :math:`V = X` (the bias :math:`b_k` shifts every logit equally and
-the softmax ignores it, so it is left out).  Where a non-local block has one query per
+the softmax ignores it, so it is left out; :func:`from_mmcv` drops mmcv's ``conv_mask.bias``
+for that reason).  Where a non-local block has one query per
 position, GC has one query per image: the :math:`N \times N` matrix becomes :math:`1 \times N`,
 and the same map serves every position.  That is why :meth:`attention_map` is the same for
 every query position.
@@ -55,7 +58,7 @@ the model to make the initialisation neutral.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -67,6 +70,7 @@ __all__ = [
     "ContextBlock",
     "SimplifiedNonLocal2d",
     "context_block_flops",
+    "from_mmcv_state_dict",
     "context_block_attention_memory",
     "simplified_nonlocal_flops",
     "simplified_nonlocal_attention_memory",
@@ -103,7 +107,7 @@ def _bottleneck_planes(channels: int, ratio: object) -> int:
 
 
 def _bottleneck(channels: int, planes: int) -> nn.Sequential:
-    """The GC transform: 1×1 conv C→rC, LayerNorm over [rC, 1, 1], ReLU, 1×1 conv rC→C, last conv zeroed."""
+    """The GC transform: 1×1 conv C→C/r, LayerNorm over [C/r, 1, 1], ReLU, 1×1 conv C/r→C, last conv zeroed."""
     transform = nn.Sequential(
         nn.Conv2d(channels, planes, 1),
         nn.LayerNorm([planes, 1, 1]),  # eases optimisation of the two-layer bottleneck (paper, GC block)
@@ -159,7 +163,9 @@ class ContextBlock(_GlobalContext):
 
     Args:
         in_channels: C.
-        ratio: bottleneck ratio r of the transform, 0 < r ≤ 1 (width ``int(C * r)``, at least 1).
+        ratio: 1/r for the paper's reduction factor r, 0 < ratio ≤ 1: the transform's bottleneck
+            has ``int(C * ratio)`` channels (at least 1), C/r in the paper's notation.  The
+            default 1/4 is mmseg's ``GCHead``; the paper uses r = 16, ``ratio=1/16``.
         pooling: ``"att"`` (attention pooling, the GC block) or ``"avg"`` (global average pooling).
         fusions: a non-empty tuple of distinct fusions, ``"add"`` (:math:`x + t`, the GC
             block) and/or ``"mul"`` (:math:`x \\cdot \\sigma(t)`, the SE-style gate; see the module docstring);
@@ -237,6 +243,34 @@ class SimplifiedNonLocal2d(_GlobalContext):
         return f"in_channels={self.in_channels}, fused={self.fused}"
 
 
+def from_mmcv_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights of an mmcv ``ContextBlock`` (as in mmseg's ``GCHead.gc_block``) for :class:`ContextBlock`.
+
+    mmcv's ``conv_mask`` is a 1×1 convolution C → 1 *with* a bias; its weight becomes
+    :math:`w_k` and its bias is dropped, because a constant added to every logit leaves the
+    softmax unchanged.  ``channel_add_conv`` and ``channel_mul_conv`` become ``add_transform``
+    and ``mul_transform`` (same layers, same order).  Build the block with the matching
+    ``pooling``, ``fusions`` and ``ratio``, then ``block.load_state_dict(...)`` checks the shapes.
+    """
+    renames = {"channel_add_conv.": "add_transform.", "channel_mul_conv.": "mul_transform."}
+    converted = {}
+    for key, value in state_dict.items():
+        if key == "conv_mask.weight":
+            if value.dim() != 4 or value.shape[0] != 1 or value.shape[2:] != (1, 1):
+                raise ValueError(f"from_mmcv_state_dict: expected conv_mask.weight of shape (1, C, 1, 1), "
+                                 f"got {tuple(value.shape)}")
+            converted["w_k"] = value.reshape(1, -1)
+        elif key == "conv_mask.bias":
+            continue  # shifts every logit equally: the softmax ignores it
+        else:
+            prefix = next((p for p in renames if key.startswith(p)), None)
+            if prefix is None:
+                raise ValueError(f"from_mmcv_state_dict: expected keys of mmcv's ContextBlock (conv_mask.*, "
+                                 f"channel_add_conv.*, channel_mul_conv.*), got {key!r}")
+            converted[renames[prefix] + key[len(prefix):]] = value
+    return converted
+
+
 def _attention_pooling_flops(batch: int, channels: int, height: int, width: int) -> int:
     """One query against N keys (2BNC) and the weighted sum of N values (2BNC)."""
     return 2 * batch * height * width * channels * 2
@@ -246,7 +280,8 @@ def context_block_flops(batch: int, channels: int, height: int, width: int, *, r
                         pooling: str = "att", fusions: Sequence[str] = ("add",)) -> dict[str, int]:
     r"""FLOPs of one :class:`ContextBlock` forward pass, 2 per multiply-add, as ``FlopCounterMode`` counts them.
 
-    With :math:`N = HW` and the bottleneck width :math:`P = \lfloor rC \rfloor`:
+    With :math:`N = HW` and the bottleneck width :math:`P = \lfloor C \cdot \text{ratio} \rfloor`
+    (:math:`C/r` for the paper's reduction factor :math:`r`):
 
     * ``"matmul"``: attention pooling costs :math:`2BNC` for the logits :math:`w_k^\top x_j`
       and :math:`2BNC` for :math:`\sum_j \alpha_j x_j` — *linear* in N, against the non-local
