@@ -107,10 +107,13 @@ def _bottleneck_planes(channels: int, ratio: object) -> int:
 
 
 def _bottleneck(channels: int, planes: int) -> nn.Sequential:
-    """The GC transform: 1×1 conv C→C/r, LayerNorm over [C/r, 1, 1], ReLU, 1×1 conv C/r→C, last conv zeroed."""
+    """The GC transform: 1×1 conv C→C/r, LayerNorm [C/r, 1, 1], ReLU, 1×1 conv C/r→C.
+
+    The last convolution is zeroed, so that the transform starts at 0.
+    """
     transform = nn.Sequential(
         nn.Conv2d(channels, planes, 1),
-        nn.LayerNorm([planes, 1, 1]),  # eases optimisation of the two-layer bottleneck (paper, GC block)
+        nn.LayerNorm([planes, 1, 1]),  # eases optimising the bottleneck (paper, GC)
         nn.ReLU(),
         nn.Conv2d(planes, channels, 1),
     )
@@ -134,14 +137,16 @@ class _GlobalContext(nn.Module):
             self.w_k = nn.Parameter(torch.empty(1, in_channels))  # W_k as a query vector: C → 1 logit
             nn.init.kaiming_normal_(self.w_k, mode="fan_in", nonlinearity="relu")  # as mmcv's conv_mask
 
-    def _context(self, x: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """c = Σ_j α_j x_j as B×C×1×1, and α as B×1×N (attention pooling, when asked) or None."""
+    def _context(self, x: torch.Tensor,
+                 need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """c = Σ_j α_j x_j as B×C×1×1, and α as B×1×N (attention pooling, if asked)."""
         b, c, _, _ = x.shape
         if self.pooling == "avg":
             return x.mean(dim=(2, 3), keepdim=True), None  # α_j = 1/N: SE's squeeze
-        keys = x.flatten(2).transpose(1, 2)  # B×N×C: every position is a key and a value
-        query = self.w_k.expand(b, 1, c)  # one query per image, the same for every position
-        context, weights = attend(query, keys, keys, scale=1.0, need_weights=need_weights, fused=self.fused)
+        keys = x.flatten(2).transpose(1, 2)  # B×N×C: each position a key and a value
+        query = self.w_k.expand(b, 1, c)  # one query per image, shared by all positions
+        context, weights = attend(query, keys, keys, scale=1.0,
+                                  need_weights=need_weights, fused=self.fused)
         return context.transpose(1, 2).reshape(b, c, 1, 1), weights
 
     def attention_map(self, x: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
@@ -186,9 +191,10 @@ class ContextBlock(_GlobalContext):
         context, _ = self._context(x, need_weights=False)  # B×C×1×1
         out = x
         if self.mul_transform is not None:
-            out = out * torch.sigmoid(self.mul_transform(context))  # a channel gate, broadcast over positions
+            # a channel gate, the same at every position
+            out = out * torch.sigmoid(self.mul_transform(context))
         if self.add_transform is not None:
-            out = out + self.add_transform(context)  # the same vector added at every position
+            out = out + self.add_transform(context)  # one vector added everywhere
         return out
 
     def flops(self, batch: int, height: int, width: int) -> dict[str, int]:
@@ -243,30 +249,34 @@ class SimplifiedNonLocal2d(_GlobalContext):
         return f"in_channels={self.in_channels}, fused={self.fused}"
 
 
-def from_mmcv_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The weights of an mmcv ``ContextBlock`` (as in mmseg's ``GCHead.gc_block``) for :class:`ContextBlock`.
+def from_mmcv_state_dict(
+        state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An mmcv ``ContextBlock``'s weights (mmseg's ``GCHead.gc_block``) for attnlib's.
 
     mmcv's ``conv_mask`` is a 1×1 convolution C → 1 *with* a bias; its weight becomes
-    :math:`w_k` and its bias is dropped, because a constant added to every logit leaves the
-    softmax unchanged.  ``channel_add_conv`` and ``channel_mul_conv`` become ``add_transform``
-    and ``mul_transform`` (same layers, same order).  Build the block with the matching
-    ``pooling``, ``fusions`` and ``ratio``, then ``block.load_state_dict(...)`` checks the shapes.
+    :math:`w_k` and its bias is dropped, because a constant added to every logit leaves
+    the softmax unchanged.  ``channel_add_conv`` and ``channel_mul_conv`` become
+    ``add_transform`` and ``mul_transform`` (same layers, same order).  Build the
+    :class:`ContextBlock` with the matching ``pooling``, ``fusions`` and ``ratio``;
+    ``block.load_state_dict(...)`` then checks the shapes.
     """
-    renames = {"channel_add_conv.": "add_transform.", "channel_mul_conv.": "mul_transform."}
+    renames = {"channel_add_conv.": "add_transform.",
+               "channel_mul_conv.": "mul_transform."}
     converted = {}
     for key, value in state_dict.items():
         if key == "conv_mask.weight":
             if value.dim() != 4 or value.shape[0] != 1 or value.shape[2:] != (1, 1):
-                raise ValueError(f"from_mmcv_state_dict: expected conv_mask.weight of shape (1, C, 1, 1), "
-                                 f"got {tuple(value.shape)}")
+                raise ValueError(f"from_mmcv_state_dict: expected conv_mask.weight of "
+                                 f"shape (1, C, 1, 1), got {tuple(value.shape)}")
             converted["w_k"] = value.reshape(1, -1)
         elif key == "conv_mask.bias":
             continue  # shifts every logit equally: the softmax ignores it
         else:
             prefix = next((p for p in renames if key.startswith(p)), None)
             if prefix is None:
-                raise ValueError(f"from_mmcv_state_dict: expected keys of mmcv's ContextBlock (conv_mask.*, "
-                                 f"channel_add_conv.*, channel_mul_conv.*), got {key!r}")
+                raise ValueError(f"from_mmcv_state_dict: expected keys of mmcv's "
+                                 f"ContextBlock (conv_mask.*, channel_add_conv.*, "
+                                 f"channel_mul_conv.*), got {key!r}")
             converted[renames[prefix] + key[len(prefix):]] = value
     return converted
 
