@@ -20,15 +20,18 @@ LayerNorm and fuses by addition:
     z_i = x_i + W_{v2}\,\operatorname{ReLU}\!\big(\operatorname{LN}(W_{v1} c)\big),
     \qquad c = \sum_{j=1}^{N} \alpha_j\, x_j ,
 
-with :math:`W_{v1}: C \to rC` and :math:`W_{v2}: rC \to C` (:math:`r` the ``ratio``, 1/4
-by default).  Both blocks follow the paper's three steps: *context modelling* (:math:`c`),
-*transform* and *fusion*.
+with :math:`W_{v1}: C \to C/r` and :math:`W_{v2}: C/r \to C`, where :math:`r` is the paper's
+*reduction* factor (:math:`r = 16` in the paper; "r16" in the official configs).  Like mmcv
+and mmseg, the argument ``ratio`` is its inverse, :math:`1/r`: the default ``ratio=1/4``
+(mmseg's ``GCHead``) is :math:`r = 4`, and the paper's setting is ``ratio=1/16``.  Both blocks
+follow the paper's three steps: *context modelling* (:math:`c`), *transform* and *fusion*.
 
 **Attention pooling is softmax attention with one learned query.**  Since
 :math:`W_k x_j = w_k^\top x_j + b_k`, the weights :math:`\alpha` are
 :math:`\operatorname{softmax}(q K^\top)` for the single query :math:`q = w_k^\top`, keys
 :math:`K = X` and values :math:`V = X` (the bias :math:`b_k` shifts every logit equally and
-the softmax ignores it, so it is left out).  Where a non-local block has one query per
+the softmax ignores it, so it is left out; :func:`from_mmcv` drops mmcv's ``conv_mask.bias``
+for that reason).  Where a non-local block has one query per
 position, GC has one query per image: the :math:`N \times N` matrix becomes :math:`1 \times N`,
 and the same map serves every position.  That is why :meth:`attention_map` is the same for
 every query position.
@@ -55,7 +58,7 @@ the model to make the initialisation neutral.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -67,6 +70,7 @@ __all__ = [
     "ContextBlock",
     "SimplifiedNonLocal2d",
     "context_block_flops",
+    "from_mmcv_state_dict",
     "context_block_attention_memory",
     "simplified_nonlocal_flops",
     "simplified_nonlocal_attention_memory",
@@ -103,10 +107,13 @@ def _bottleneck_planes(channels: int, ratio: object) -> int:
 
 
 def _bottleneck(channels: int, planes: int) -> nn.Sequential:
-    """The GC transform: 1×1 conv C→rC, LayerNorm over [rC, 1, 1], ReLU, 1×1 conv rC→C, last conv zeroed."""
+    """The GC transform: 1×1 conv C→C/r, LayerNorm [C/r, 1, 1], ReLU, 1×1 conv C/r→C.
+
+    The last convolution is zeroed, so that the transform starts at 0.
+    """
     transform = nn.Sequential(
         nn.Conv2d(channels, planes, 1),
-        nn.LayerNorm([planes, 1, 1]),  # eases optimisation of the two-layer bottleneck (paper, GC block)
+        nn.LayerNorm([planes, 1, 1]),  # eases optimising the bottleneck (paper, GC)
         nn.ReLU(),
         nn.Conv2d(planes, channels, 1),
     )
@@ -130,14 +137,16 @@ class _GlobalContext(nn.Module):
             self.w_k = nn.Parameter(torch.empty(1, in_channels))  # W_k as a query vector: C → 1 logit
             nn.init.kaiming_normal_(self.w_k, mode="fan_in", nonlinearity="relu")  # as mmcv's conv_mask
 
-    def _context(self, x: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """c = Σ_j α_j x_j as B×C×1×1, and α as B×1×N (attention pooling, when asked) or None."""
+    def _context(self, x: torch.Tensor,
+                 need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """c = Σ_j α_j x_j as B×C×1×1, and α as B×1×N (attention pooling, if asked)."""
         b, c, _, _ = x.shape
         if self.pooling == "avg":
             return x.mean(dim=(2, 3), keepdim=True), None  # α_j = 1/N: SE's squeeze
-        keys = x.flatten(2).transpose(1, 2)  # B×N×C: every position is a key and a value
-        query = self.w_k.expand(b, 1, c)  # one query per image, the same for every position
-        context, weights = attend(query, keys, keys, scale=1.0, need_weights=need_weights, fused=self.fused)
+        keys = x.flatten(2).transpose(1, 2)  # B×N×C: each position a key and a value
+        query = self.w_k.expand(b, 1, c)  # one query per image, shared by all positions
+        context, weights = attend(query, keys, keys, scale=1.0,
+                                  need_weights=need_weights, fused=self.fused)
         return context.transpose(1, 2).reshape(b, c, 1, 1), weights
 
     def attention_map(self, x: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
@@ -159,7 +168,9 @@ class ContextBlock(_GlobalContext):
 
     Args:
         in_channels: C.
-        ratio: bottleneck ratio r of the transform, 0 < r ≤ 1 (width ``int(C * r)``, at least 1).
+        ratio: 1/r for the paper's reduction factor r, 0 < ratio ≤ 1: the transform's bottleneck
+            has ``int(C * ratio)`` channels (at least 1), C/r in the paper's notation.  The
+            default 1/4 is mmseg's ``GCHead``; the paper uses r = 16, ``ratio=1/16``.
         pooling: ``"att"`` (attention pooling, the GC block) or ``"avg"`` (global average pooling).
         fusions: a non-empty tuple of distinct fusions, ``"add"`` (:math:`x + t`, the GC
             block) and/or ``"mul"`` (:math:`x \\cdot \\sigma(t)`, the SE-style gate; see the module docstring);
@@ -180,9 +191,10 @@ class ContextBlock(_GlobalContext):
         context, _ = self._context(x, need_weights=False)  # B×C×1×1
         out = x
         if self.mul_transform is not None:
-            out = out * torch.sigmoid(self.mul_transform(context))  # a channel gate, broadcast over positions
+            # a channel gate, the same at every position
+            out = out * torch.sigmoid(self.mul_transform(context))
         if self.add_transform is not None:
-            out = out + self.add_transform(context)  # the same vector added at every position
+            out = out + self.add_transform(context)  # one vector added everywhere
         return out
 
     def flops(self, batch: int, height: int, width: int) -> dict[str, int]:
@@ -237,6 +249,38 @@ class SimplifiedNonLocal2d(_GlobalContext):
         return f"in_channels={self.in_channels}, fused={self.fused}"
 
 
+def from_mmcv_state_dict(
+        state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An mmcv ``ContextBlock``'s weights (mmseg's ``GCHead.gc_block``) for attnlib's.
+
+    mmcv's ``conv_mask`` is a 1×1 convolution C → 1 *with* a bias; its weight becomes
+    :math:`w_k` and its bias is dropped, because a constant added to every logit leaves
+    the softmax unchanged.  ``channel_add_conv`` and ``channel_mul_conv`` become
+    ``add_transform`` and ``mul_transform`` (same layers, same order).  Build the
+    :class:`ContextBlock` with the matching ``pooling``, ``fusions`` and ``ratio``;
+    ``block.load_state_dict(...)`` then checks the shapes.
+    """
+    renames = {"channel_add_conv.": "add_transform.",
+               "channel_mul_conv.": "mul_transform."}
+    converted = {}
+    for key, value in state_dict.items():
+        if key == "conv_mask.weight":
+            if value.dim() != 4 or value.shape[0] != 1 or value.shape[2:] != (1, 1):
+                raise ValueError(f"from_mmcv_state_dict: expected conv_mask.weight of "
+                                 f"shape (1, C, 1, 1), got {tuple(value.shape)}")
+            converted["w_k"] = value.reshape(1, -1)
+        elif key == "conv_mask.bias":
+            continue  # shifts every logit equally: the softmax ignores it
+        else:
+            prefix = next((p for p in renames if key.startswith(p)), None)
+            if prefix is None:
+                raise ValueError(f"from_mmcv_state_dict: expected keys of mmcv's "
+                                 f"ContextBlock (conv_mask.*, channel_add_conv.*, "
+                                 f"channel_mul_conv.*), got {key!r}")
+            converted[renames[prefix] + key[len(prefix):]] = value
+    return converted
+
+
 def _attention_pooling_flops(batch: int, channels: int, height: int, width: int) -> int:
     """One query against N keys (2BNC) and the weighted sum of N values (2BNC)."""
     return 2 * batch * height * width * channels * 2
@@ -246,7 +290,8 @@ def context_block_flops(batch: int, channels: int, height: int, width: int, *, r
                         pooling: str = "att", fusions: Sequence[str] = ("add",)) -> dict[str, int]:
     r"""FLOPs of one :class:`ContextBlock` forward pass, 2 per multiply-add, as ``FlopCounterMode`` counts them.
 
-    With :math:`N = HW` and the bottleneck width :math:`P = \lfloor rC \rfloor`:
+    With :math:`N = HW` and the bottleneck width :math:`P = \lfloor C \cdot \text{ratio} \rfloor`
+    (:math:`C/r` for the paper's reduction factor :math:`r`):
 
     * ``"matmul"``: attention pooling costs :math:`2BNC` for the logits :math:`w_k^\top x_j`
       and :math:`2BNC` for :math:`\sum_j \alpha_j x_j` — *linear* in N, against the non-local

@@ -225,3 +225,67 @@ def test_methods_read_the_block_settings():
     assert block.attention_memory(1, 4, 4) == 16 * 4
     assert ContextBlock(8, pooling="avg").attention_memory(1, 4, 4) == 0
     assert SimplifiedNonLocal2d(8, fused=False).attention_memory(2, 3, 3, bytes_per_element=2) == 2 * 9 * 2
+
+class MmcvContextBlock(torch.nn.Module):
+    """mmcv's ``ContextBlock`` (mmcv/cnn/bricks/context_block.py, v2.1.0), transcribed: its
+    layer names, its ``conv_mask`` with a bias, its ``spatial_pool`` and ``forward``."""
+
+    def __init__(self, inplanes: int, ratio: float, pooling_type: str = "att",
+                 fusion_types: tuple = ("channel_add",)) -> None:
+        super().__init__()
+        planes = int(inplanes * ratio)
+        self.pooling_type = pooling_type
+        if pooling_type == "att":
+            self.conv_mask = torch.nn.Conv2d(inplanes, 1, kernel_size=1)
+        else:
+            self.avg_pool = torch.nn.AdaptiveAvgPool2d(1)
+
+        def transform():
+            return torch.nn.Sequential(torch.nn.Conv2d(inplanes, planes, kernel_size=1),
+                                       torch.nn.LayerNorm([planes, 1, 1]), torch.nn.ReLU(inplace=True),
+                                       torch.nn.Conv2d(planes, inplanes, kernel_size=1))
+        self.channel_add_conv = transform() if "channel_add" in fusion_types else None
+        self.channel_mul_conv = transform() if "channel_mul" in fusion_types else None
+
+    def spatial_pool(self, x):
+        batch, channel, height, width = x.size()
+        if self.pooling_type != "att":
+            return self.avg_pool(x)
+        input_x = x.view(batch, channel, height * width).unsqueeze(1)
+        context_mask = self.conv_mask(x).view(batch, 1, height * width)
+        context_mask = torch.nn.functional.softmax(context_mask, dim=2).unsqueeze(-1)
+        return torch.matmul(input_x, context_mask).view(batch, channel, 1, 1)
+
+    def forward(self, x):
+        context = self.spatial_pool(x)
+        out = x
+        if self.channel_mul_conv is not None:
+            out = out * torch.sigmoid(self.channel_mul_conv(context))
+        if self.channel_add_conv is not None:
+            out = out + self.channel_add_conv(context)
+        return out
+
+
+MMCV_FUSIONS = {("add",): ("channel_add",), ("mul",): ("channel_mul",), ("add", "mul"): ("channel_add", "channel_mul")}
+
+
+@pytest.mark.parametrize("pooling", ["att", "avg"])
+@pytest.mark.parametrize("fusions", list(MMCV_FUSIONS), ids="+".join)
+def test_mmcv_weights_load_and_give_mmcv_outputs(pooling, fusions):
+    """mmcv's conv_mask has a bias, attnlib's w_k none: the bias is dropped and the outputs still agree."""
+    mmcv = randomize_(MmcvContextBlock(8, 1 / 4, pooling, MMCV_FUSIONS[fusions])).double().eval()
+    if pooling == "att":
+        assert mmcv.conv_mask.bias.abs().item() > 0.1  # a bias that would matter if the softmax saw it
+    block = ContextBlock(8, ratio=1 / 4, pooling=pooling, fusions=fusions).double()
+    block.load_state_dict(attnlib.gcnet.from_mmcv_state_dict(mmcv.state_dict()))
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), mmcv(x))
+        assert (block(x) - x).abs().max() > 1e-2  # the transforms are not zero
+
+
+@pytest.mark.parametrize("state", [{"conv_mask.weight": torch.zeros(2, 8, 1, 1)}, {"gc_block.conv_mask.weight": 0},
+                                   {"channel_add.0.weight": 0}])
+def test_from_mmcv_state_dict_rejects_what_is_not_a_context_block(state):
+    with pytest.raises(ValueError, match="from_mmcv_state_dict"):
+        attnlib.gcnet.from_mmcv_state_dict(state)
