@@ -98,22 +98,26 @@ class PositionAttention(nn.Module):
         fused: compute eq. 2 on the fast path when no weights are asked for.
     """
 
-    def __init__(self, in_channels: int, reduction: int = 8, fused: bool = True) -> None:
+    def __init__(self, in_channels: int, reduction: int = 8,
+                 fused: bool = True) -> None:
         super().__init__()
         self.in_channels = check_positive(in_channels, "in_channels")
         self.reduction, self.fused = reduction, fused
-        self.key_channels = reduced_channels(in_channels, reduction)
-        self.query_conv = nn.Conv2d(in_channels, self.key_channels, 1)  # C: the output position j
-        self.key_conv = nn.Conv2d(in_channels, self.key_channels, 1)  # B: the positions i it attends to
+        d = self.key_channels = reduced_channels(in_channels, reduction)
+        self.query_conv = nn.Conv2d(in_channels, d, 1)  # C: the output position j
+        self.key_conv = nn.Conv2d(in_channels, d, 1)  # B: the positions i it reads
         self.value_conv = nn.Conv2d(in_channels, in_channels, 1)  # D
-        self.alpha = nn.Parameter(torch.zeros(1))  # α, initialised to 0: the module starts as the identity
+        # α = 0: the module starts as the identity
+        self.alpha = nn.Parameter(torch.zeros(1))
 
     def _forward(self, x: torch.Tensor, need_weights: bool):
         b, c, h, w = check_feature_map(x, self.in_channels, type(self).__name__)
-        query, key, value = (conv(x).flatten(2).transpose(1, 2)  # B×N×d: one row per position
-                             for conv in (self.query_conv, self.key_conv, self.value_conv))
+        convs = (self.query_conv, self.key_conv, self.value_conv)
+        # B×N×d each: one row per position
+        query, key, value = (conv(x).flatten(2).transpose(1, 2) for conv in convs)
         # Row j of the weights is s_j· = softmax_i(B_i · C_j)  (eq. 1); no 1/√d scaling.
-        out, weights = attend(query, key, value, scale=1.0, need_weights=need_weights, fused=self.fused)
+        out, weights = attend(query, key, value, scale=1.0,
+                              need_weights=need_weights, fused=self.fused)
         out = out.transpose(1, 2).reshape(b, c, h, w)
         return self.alpha * out + x, weights  # E_j = α Σ_i s_ji D_i + A_j  (eq. 2)
 
@@ -165,21 +169,27 @@ class ChannelAttention(nn.Module):
             (``max(E) − E``), or ``"paper"``, softmax(E) as eq. 3 is printed.
     """
 
-    def __init__(self, in_channels: int | None = None, fused: bool = True, sign: str = "official") -> None:
+    def __init__(self, in_channels: int | None = None, fused: bool = True,
+                 sign: str = "official") -> None:
         super().__init__()
-        self.in_channels = None if in_channels is None else check_positive(in_channels, "in_channels")
+        if in_channels is not None:
+            check_positive(in_channels, "in_channels")
         if sign not in SIGNS:
             raise ValueError(f"ChannelAttention: expected sign in {SIGNS}, got {sign!r}")
-        self.fused, self.sign = fused, sign
-        self.beta = nn.Parameter(torch.zeros(1))  # β, initialised to 0: the module starts as the identity
+        self.in_channels, self.fused, self.sign = in_channels, fused, sign
+        # β = 0: the module starts as the identity
+        self.beta = nn.Parameter(torch.zeros(1))
 
     def _forward(self, x: torch.Tensor, need_weights: bool):
         b, c, h, w = check_feature_map(x, self.in_channels, type(self).__name__)
         a = x.flatten(2)  # B×C×N: channel i is the vector A_i
-        # softmax_i(rowmax − A_j·A_i) = softmax_i(−A_j·A_i): query −A, keys A (official code's sign).
+        # The official sign: softmax_i(rowmax − A_j·A_i) = softmax_i(−A_j·A_i),
+        # i.e. queries −A and keys A; the paper's eq. 3 has queries A.
         query = -a if self.sign == "official" else a
-        out, weights = attend(query, a, a, scale=1.0, need_weights=need_weights, fused=self.fused)
-        return self.beta * out.reshape(b, c, h, w) + x, weights  # E_j = β Σ_i x_ji A_i + A_j  (eq. 4): X A
+        out, weights = attend(query, a, a, scale=1.0,
+                              need_weights=need_weights, fused=self.fused)
+        # E_j = β Σ_i x_ji A_i + A_j  (eq. 4): the rows of X weigh A, i.e. X A
+        return self.beta * out.reshape(b, c, h, w) + x, weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x, need_weights=False)[0]
@@ -260,7 +270,7 @@ class DualAttentionHead(nn.Module):
         self.pam.fused = self.cam.fused = value
 
     def forward(self, x: torch.Tensor, return_branches: bool = False):
-        """The fused features, B×``channels``×H×W; with ``return_branches``, ``(fused, position, channel)``."""
+        """B×``channels``×H×W; with ``return_branches``, ``(sum, position, channel)``."""
         check_feature_map(x, self.in_channels, type(self).__name__)
         position = self.pam_out(self.pam(self.pam_in(x)))
         channel = self.cam_out(self.cam(self.cam_in(x)))
