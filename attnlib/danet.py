@@ -175,7 +175,8 @@ class ChannelAttention(nn.Module):
         if in_channels is not None:
             check_positive(in_channels, "in_channels")
         if sign not in SIGNS:
-            raise ValueError(f"ChannelAttention: expected sign in {SIGNS}, got {sign!r}")
+            raise ValueError(f"ChannelAttention: expected sign in {SIGNS}, "
+                             f"got {sign!r}")
         self.in_channels, self.fused, self.sign = in_channels, fused, sign
         # β = 0: the module starts as the identity
         self.beta = nn.Parameter(torch.zeros(1))
@@ -270,7 +271,7 @@ class DualAttentionHead(nn.Module):
         self.pam.fused = self.cam.fused = value
 
     def forward(self, x: torch.Tensor, return_branches: bool = False):
-        """B×``channels``×H×W; with ``return_branches``, ``(sum, position, channel)``."""
+        """B×``channels``×H×W, or ``(sum, position, channel)`` with ``return_branches``."""
         check_feature_map(x, self.in_channels, type(self).__name__)
         position = self.pam_out(self.pam(self.pam_in(x)))
         channel = self.cam_out(self.cam(self.cam_in(x)))
