@@ -271,7 +271,7 @@ class DualAttentionHead(nn.Module):
         self.pam.fused = self.cam.fused = value
 
     def forward(self, x: torch.Tensor, return_branches: bool = False):
-        """B×``channels``×H×W, or ``(sum, position, channel)`` with ``return_branches``."""
+        """B×C′×H×W, or ``(sum, position, channel)`` with ``return_branches``."""
         check_feature_map(x, self.in_channels, type(self).__name__)
         position = self.pam_out(self.pam(self.pam_in(x)))
         channel = self.cam_out(self.cam(self.cam_in(x)))
