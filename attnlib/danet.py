@@ -47,6 +47,7 @@ the softmax is shift-invariant per row, so
 i.e. the official code uses :math:`\exp(-A_i \cdot A_j)`, the opposite sign of eq. 3 (a channel
 attends most to the channels *least* similar to it).  We follow the official code, with which
 DANet's reported results were obtained; the core call is ``attend(query=-A, key=A, value=A, scale=1.0)``.
+``ChannelAttention(sign="paper")`` gives eq. 3 as printed, ``attend(query=A, ...)``.
 
 Both modules end in a learnable scale initialised to 0 (:math:`\alpha`, :math:`\beta`;
 Sec. 3.2–3.3), so they start as the identity.
@@ -55,7 +56,8 @@ Sec. 3.2–3.3), so they start as the identity.
 after; the branch outputs are fused by an element-wise sum.  The official head reduces the
 width to ``in_channels // 4`` and ends in a dropout + 1×1 classifier (plus one auxiliary classifier
 per branch); here the width is the ``channels`` argument and the classifiers are left to the
-segmentation model.
+segmentation model, which reads the two branch outputs through ``forward(x, return_branches=True)``
+for those auxiliary classifiers (see :class:`attnlib.models.Segmentor`).
 
 Where each equation lives below:
 
@@ -77,6 +79,7 @@ __all__ = [
     "ChannelAttention",
     "DualAttentionHead",
     "channel_attention_map",
+    "SIGNS",
     "position_attention_flops",
     "position_attention_attention_memory",
     "channel_attention_flops",
@@ -95,22 +98,26 @@ class PositionAttention(nn.Module):
         fused: compute eq. 2 on the fast path when no weights are asked for.
     """
 
-    def __init__(self, in_channels: int, reduction: int = 8, fused: bool = True) -> None:
+    def __init__(self, in_channels: int, reduction: int = 8,
+                 fused: bool = True) -> None:
         super().__init__()
         self.in_channels = check_positive(in_channels, "in_channels")
         self.reduction, self.fused = reduction, fused
-        self.key_channels = reduced_channels(in_channels, reduction)
-        self.query_conv = nn.Conv2d(in_channels, self.key_channels, 1)  # C: the output position j
-        self.key_conv = nn.Conv2d(in_channels, self.key_channels, 1)  # B: the positions i it attends to
+        d = self.key_channels = reduced_channels(in_channels, reduction)
+        self.query_conv = nn.Conv2d(in_channels, d, 1)  # C: the output position j
+        self.key_conv = nn.Conv2d(in_channels, d, 1)  # B: the positions i it reads
         self.value_conv = nn.Conv2d(in_channels, in_channels, 1)  # D
-        self.alpha = nn.Parameter(torch.zeros(1))  # α, initialised to 0: the module starts as the identity
+        # α = 0: the module starts as the identity
+        self.alpha = nn.Parameter(torch.zeros(1))
 
     def _forward(self, x: torch.Tensor, need_weights: bool):
         b, c, h, w = check_feature_map(x, self.in_channels, type(self).__name__)
-        query, key, value = (conv(x).flatten(2).transpose(1, 2)  # B×N×d: one row per position
-                             for conv in (self.query_conv, self.key_conv, self.value_conv))
+        convs = (self.query_conv, self.key_conv, self.value_conv)
+        # B×N×d each: one row per position
+        query, key, value = (conv(x).flatten(2).transpose(1, 2) for conv in convs)
         # Row j of the weights is s_j· = softmax_i(B_i · C_j)  (eq. 1); no 1/√d scaling.
-        out, weights = attend(query, key, value, scale=1.0, need_weights=need_weights, fused=self.fused)
+        out, weights = attend(query, key, value, scale=1.0,
+                              need_weights=need_weights, fused=self.fused)
         out = out.transpose(1, 2).reshape(b, c, h, w)
         return self.alpha * out + x, weights  # E_j = α Σ_i s_ji D_i + A_j  (eq. 2)
 
@@ -141,8 +148,11 @@ class PositionAttention(nn.Module):
         return f"in_channels={self.in_channels}, reduction={self.reduction}, fused={self.fused}"
 
 
+SIGNS = ("official", "paper")
+
+
 class ChannelAttention(nn.Module):
-    """DANet's channel attention module (CAM), eqs. 3–4 with the official code's sign.
+    """DANet's channel attention module (CAM), eqs. 3–4, with the official code's sign by default.
 
     It has no weights but β and works for any channel count.  ``in_channels`` is optional:
     given, the input's channel count is checked against it, and :meth:`flops` and
@@ -155,20 +165,32 @@ class ChannelAttention(nn.Module):
     Args:
         in_channels: C, or ``None`` for any.
         fused: compute eq. 4 on the fast path when no weights are asked for.
+        sign: ``"official"``, softmax(−E) as the official code and mmseg compute it
+            (``max(E) − E``), or ``"paper"``, softmax(E) as eq. 3 is printed.
     """
 
-    def __init__(self, in_channels: int | None = None, fused: bool = True) -> None:
+    def __init__(self, in_channels: int | None = None, fused: bool = True,
+                 sign: str = "official") -> None:
         super().__init__()
-        self.in_channels = None if in_channels is None else check_positive(in_channels, "in_channels")
-        self.fused = fused
-        self.beta = nn.Parameter(torch.zeros(1))  # β, initialised to 0: the module starts as the identity
+        if in_channels is not None:
+            check_positive(in_channels, "in_channels")
+        if sign not in SIGNS:
+            raise ValueError(f"ChannelAttention: expected sign in {SIGNS}, "
+                             f"got {sign!r}")
+        self.in_channels, self.fused, self.sign = in_channels, fused, sign
+        # β = 0: the module starts as the identity
+        self.beta = nn.Parameter(torch.zeros(1))
 
     def _forward(self, x: torch.Tensor, need_weights: bool):
         b, c, h, w = check_feature_map(x, self.in_channels, type(self).__name__)
         a = x.flatten(2)  # B×C×N: channel i is the vector A_i
-        # softmax_i(rowmax − A_j·A_i) = softmax_i(−A_j·A_i): query −A, keys A (official code's sign).
-        out, weights = attend(-a, a, a, scale=1.0, need_weights=need_weights, fused=self.fused)
-        return self.beta * out.reshape(b, c, h, w) + x, weights  # E_j = β Σ_i x_ji A_i + A_j  (eq. 4): X A
+        # The official sign: softmax_i(rowmax − A_j·A_i) = softmax_i(−A_j·A_i),
+        # i.e. queries −A and keys A; the paper's eq. 3 has queries A.
+        query = -a if self.sign == "official" else a
+        out, weights = attend(query, a, a, scale=1.0,
+                              need_weights=need_weights, fused=self.fused)
+        # E_j = β Σ_i x_ji A_i + A_j  (eq. 4): the rows of X weigh A, i.e. X A
+        return self.beta * out.reshape(b, c, h, w) + x, weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x, need_weights=False)[0]
@@ -189,14 +211,15 @@ class ChannelAttention(nn.Module):
                                                   bytes_per_element=bytes_per_element)
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, fused={self.fused}"
+        return f"in_channels={self.in_channels}, fused={self.fused}, sign={self.sign!r}"
 
 
 def channel_attention_map(block: ChannelAttention, x: torch.Tensor) -> torch.Tensor:
     """CAM's channel attention map X for input ``x``: B×C×C with ``X[:, j, i]`` = x_ji.
 
     Row j is the distribution over the channels i that output channel j mixes (rows sum
-    to 1), with the official code's sign: ``softmax_i(max − A_j·A_i)`` = ``softmax_i(−A_j·A_i)``.
+    to 1), with the block's sign: by default the official code's, ``softmax_i(max − A_j·A_i)``
+    = ``softmax_i(−A_j·A_i)``; with ``sign="paper"``, ``softmax_i(A_j·A_i)``.
     """
     if not isinstance(block, ChannelAttention):
         raise TypeError(f"channel_attention_map: expected a ChannelAttention, got {type(block).__name__}")
@@ -216,7 +239,8 @@ class DualAttentionHead(nn.Module):
     3×3 conv–BN–ReLU (``channels`` → ``channels``).  Returns B×``channels``×H×W.
 
     ``fused`` is shared by both modules: reading it says whether both take their fused path,
-    setting it switches both.
+    setting it switches both.  ``forward(x, return_branches=True)`` also returns each branch's
+    output, for mmseg's per-branch auxiliary classifiers.
 
     Args:
         in_channels: channels of the backbone features.
@@ -246,11 +270,13 @@ class DualAttentionHead(nn.Module):
     def fused(self, value: bool) -> None:
         self.pam.fused = self.cam.fused = value
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_branches: bool = False):
+        """B×C′×H×W, or ``(sum, position, channel)`` with ``return_branches``."""
         check_feature_map(x, self.in_channels, type(self).__name__)
         position = self.pam_out(self.pam(self.pam_in(x)))
         channel = self.cam_out(self.cam(self.cam_in(x)))
-        return position + channel  # element-wise sum fusion (Sec. 3.4)
+        out = position + channel  # element-wise sum fusion (Sec. 3.4)
+        return (out, position, channel) if return_branches else out
 
     def attention_map(self, x: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
         """The PAM's map for ``query``, computed on the PAM's own input (the first conv's output)."""

@@ -20,14 +20,18 @@ stage has 512 channels where ResNet-50's has 2048: mmseg's ``channels=512`` beco
 ``fcn``        FCNHead: 3×3 conv 512→128, 3×3 conv 128→128, concat the input, 3×3 conv → 128
 ``nonlocal``   NLHead: conv, ``NonLocal2d(128, 64)`` (logits scaled by 1/√d, as mmseg and the authors' code), conv, concat, conv
 ``gcnet``      GCHead: conv, ``ContextBlock(128, 1/4, "att", ("add",))``, conv, concat, conv
-``danet``      DAHead (:class:`attnlib.danet.DualAttentionHead`): (conv, PAM, conv) + (conv, CAM, conv)
+``danet``      DAHead (:class:`attnlib.danet.DualAttentionHead`): (conv, PAM, conv) + (conv, CAM, conv),
+               plus a classifier on each branch for mmseg's two per-branch losses
 ``ccnet``      CCHead: conv, ``RecurrentCrissCross(128, recurrence=2)``, conv, concat, conv
 ``ann``        ANNHead: AFNB(layer3 → layer4, 64 key/value channels), dropout, 3×3 conv → 128, APNB
 ``isanet``     ISAHead: conv, interlaced sparse attention, concat the conv's output, 1×1 conv
 =============  =====================================================================================
 
-Simplifications, said once: no per-branch losses for DANet (mmseg adds two), AFNB and
-APNB use a single query scale (mmseg's default), and every conv is conv-BN-ReLU.
+Simplifications, said once: AFNB and APNB use a single query scale (mmseg's default), and
+every conv is conv-BN-ReLU.  DANet keeps mmseg's per-branch losses: with ``aux=True`` the
+model has a dropout + 1×1 classifier on the PAM branch and one on the CAM branch
+(``branch_classifiers``, mmseg's ``pam_cls_seg`` / ``cam_cls_seg``), and the trainer adds
+their losses with weight :data:`attnlib.train.BRANCH_WEIGHT` (1, as mmseg's DAHead).
 ``model.head`` is the head; the attention block inside it is ``model.head.context``
 (nonlocal, gcnet, ccnet, ann's APNB), ``model.head.pam`` / ``.cam`` (danet),
 ``model.head.isa`` (isanet) and ``model.head.fusion`` (ann's AFNB).
@@ -226,11 +230,14 @@ class Segmentor(nn.Module):
         head: one of :data:`HEADS`.
         num_classes: K, the classifier's outputs (CamVid: 11).
         pretrained: start the backbone from ImageNet weights (see :func:`dilated_resnet18`).
-        aux: build the auxiliary FCN head on layer3 (used by the trainer, loss weight 0.4).
+        aux: build the auxiliary FCN head on layer3 (used by the trainer, loss weight 0.4),
+            and for ``"danet"`` a classifier on each attention branch (loss weight 1 each).
 
     ``forward(x)`` returns the logits, B×K×H×W.  ``forward(x, return_aux=True)`` returns
     ``(logits, aux_logits)``, the second also B×K×H×W, or ``None`` without an auxiliary
-    head; the output type depends on the argument only, never on train/eval mode.
+    head.  ``return_branches=True`` appends a dict of per-branch logits, B×K×H×W each, named
+    by :attr:`branch_names` (``("pam", "cam")`` for DANet with ``aux``, else empty).  The
+    output type depends on the arguments only, never on train/eval mode.
     """
 
     def __init__(self, head: str = "fcn", num_classes: int = 11, pretrained: bool = False, aux: bool = True) -> None:
@@ -238,27 +245,46 @@ class Segmentor(nn.Module):
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}: expected one of {HEADS}")
         self.arch = {"head": head, "num_classes": num_classes, "aux": aux}
+        # mmseg's DAHead classifies each attention branch too; recorded in arch, so that a
+        # DANet checkpoint from before these classifiers is refused by name.
+        self.branch_names = ("pam", "cam") if head == "danet" and aux else ()
+        if head == "danet":
+            self.arch["branch_classifiers"] = bool(self.branch_names)
         self.backbone = dilated_resnet18(pretrained)
         self.head = _head(head)
         self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(CHANNELS, num_classes, 1))
         self.aux_head = nn.Sequential(
             ConvBNReLU(LAYER3_CHANNELS, CHANNELS // 2), nn.Dropout2d(0.1), nn.Conv2d(CHANNELS // 2, num_classes, 1)
         ) if aux else None
-        for cls in (self.classifier[-1],) + ((self.aux_head[-1],) if aux else ()):
+        self.branch_classifiers = nn.ModuleDict(
+            {name: nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(CHANNELS, num_classes, 1)) for name in self.branch_names})
+        for cls in ((self.classifier[-1],) + ((self.aux_head[-1],) if aux else ())
+                    + tuple(c[-1] for c in self.branch_classifiers.values())):
             nn.init.normal_(cls.weight, std=0.01)  # mmseg's init of the final 1×1 conv
             nn.init.zeros_(cls.bias)
 
-    def forward(self, x: torch.Tensor, return_aux: bool = False):
+    def forward(self, x: torch.Tensor, return_aux: bool = False, return_branches: bool = False):
         _, _, h, w = check_feature_map(x, 3, "Segmentor")
+
+        def upsample(t: torch.Tensor) -> torch.Tensor:
+            # In float32: under bf16 autocast the argmax would otherwise see rounded logits.
+            return F.interpolate(t.float(), size=(h, w), mode="bilinear", align_corners=False)
+
         c3, c4 = self.backbone(x)
-        features = self.head(c3, c4) if getattr(self.head, "uses_layer3", False) else self.head(c4)
-        # Upsampled in float32: under bf16 autocast the argmax would otherwise see rounded logits.
-        logits = F.interpolate(self.classifier(features).float(), size=(h, w), mode="bilinear", align_corners=False)
-        if not return_aux:
-            return logits
-        if self.aux_head is None:
-            return logits, None
-        return logits, F.interpolate(self.aux_head(c3).float(), size=(h, w), mode="bilinear", align_corners=False)
+        branches = {}
+        if getattr(self.head, "uses_layer3", False):
+            features = self.head(c3, c4)
+        elif return_branches and self.branch_names:
+            features, *outputs = self.head(c4, return_branches=True)
+            branches = {name: upsample(self.branch_classifiers[name](t)) for name, t in zip(self.branch_names, outputs)}
+        else:
+            features = self.head(c4)
+        outputs = (upsample(self.classifier(features)),)
+        if return_aux:
+            outputs += (None if self.aux_head is None else upsample(self.aux_head(c3)),)
+        if return_branches:
+            outputs += (branches,)
+        return outputs[0] if len(outputs) == 1 else outputs
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.arch.items())

@@ -60,6 +60,7 @@ from . import __version__
 from .data import CLASSES, IGNORE_INDEX, NUM_CLASSES, load_split, normalize_batch, train_transforms
 
 __all__ = [
+    "BRANCH_WEIGHT",
     "PROFILES",
     "Schedule",
     "atomic_write",
@@ -76,6 +77,9 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = 1
+# Weight of each per-branch loss of a model with ``branch_names`` (DANet's PAM-only and CAM-only
+# classifiers): mmseg's DAHead adds all three of its losses with its loss_decode weight, 1.
+BRANCH_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -516,7 +520,9 @@ def fit(
 
     Loss: cross-entropy ignoring :data:`IGNORE_INDEX` (optionally ``class_weights``,
     e.g. :data:`attnlib.data.SEGNET_CLASS_WEIGHTS`), plus ``schedule.aux_weight`` times
-    the auxiliary head's (when ``model(x, return_aux=True)`` returns one).  On CUDA:
+    the auxiliary head's (when ``model(x, return_aux=True)`` returns one), plus
+    :data:`BRANCH_WEIGHT` times each per-branch loss of a model with ``branch_names``
+    (DANet's, read through ``return_branches=True``).  On CUDA:
     bf16 autocast and cuDNN autotuning; everywhere, channels_last (the model is converted).
 
     Args:
@@ -609,6 +615,7 @@ def fit(
             history["loss"].extend(torch.stack(pending).tolist())
             pending.clear()
 
+    branched = bool(getattr(model, "branch_names", ()))
     bar = tqdm(total=schedule.steps, initial=step, desc=f"{_arch(model).get('head', 'train')} ({schedule.name})",
                disable=not _show(progress), dynamic_ncols=True)
     model.train()
@@ -619,10 +626,15 @@ def fit(
             group["lr"] = lr
         x, y = _train_batch(augment, images, labels, seed, step, schedule.batch_size)
         with _autocast(device):
-            logits, aux = model(_to_input(x), return_aux=True)
+            if branched:
+                logits, aux, branches = model(_to_input(x), return_aux=True, return_branches=True)
+            else:
+                (logits, aux), branches = model(_to_input(x), return_aux=True), {}
         loss = F.cross_entropy(logits.float(), y, weight=weight, ignore_index=IGNORE_INDEX)
         if aux is not None:
             loss = loss + schedule.aux_weight * F.cross_entropy(aux.float(), y, weight=weight, ignore_index=IGNORE_INDEX)
+        for branch in branches.values():
+            loss = loss + BRANCH_WEIGHT * F.cross_entropy(branch.float(), y, weight=weight, ignore_index=IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -368,3 +368,30 @@ def test_pam_fused_path_on_a_cpu_skips_sdpa_whose_kernel_would_store_the_map(mon
     with torch.no_grad():
         block(torch.randn(1, 8, 5, 6, dtype=torch.float64))
     assert not calls and block.attention_memory(1, 5, 6) == 30 * 30 * 4
+# ---------------------------------------------------------------- the paper's sign, the branches
+
+def test_cam_paper_sign_is_eq_3_as_printed():
+    """sign="paper": x_ji = softmax_i(A_i · A_j), against loops; the default keeps the official sign."""
+    assert ChannelAttention().sign == "official"
+    block = randomize_(ChannelAttention(sign="paper")).double()
+    x = torch.randn(1, 5, 3, 4, dtype=torch.float64) * 0.3
+    a = x.flatten(2)[0]
+    expected_map = torch.tensor([softmax([float(a[i] @ a[j]) for i in range(5)]) for j in range(5)],
+                                dtype=torch.float64)
+    torch.testing.assert_close(channel_attention_map(block, x)[0], expected_map)
+    torch.testing.assert_close(block(x).flatten(2)[0], block.beta * (expected_map @ a) + a)
+    official = randomize_(ChannelAttention()).double()
+    assert not torch.allclose(channel_attention_map(official, x)[0], expected_map, atol=1e-3)
+    assert "sign='paper'" in repr(block)
+    with pytest.raises(ValueError, match="sign"):
+        ChannelAttention(sign="minus")
+
+
+def test_head_returns_its_branches_on_request():
+    head = randomize_(DualAttentionHead(6, 8, reduction=4)).double().eval()
+    x = torch.randn(2, 6, 4, 3, dtype=torch.float64)
+    out, position, channel = head(x, return_branches=True)
+    torch.testing.assert_close(position, head.pam_out(head.pam(head.pam_in(x))))
+    torch.testing.assert_close(channel, head.cam_out(head.cam(head.cam_in(x))))
+    torch.testing.assert_close(out, position + channel)
+    torch.testing.assert_close(head(x), out)

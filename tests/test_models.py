@@ -103,3 +103,25 @@ def test_load_trained_trains_once_then_loads(tmp_path, monkeypatch):
     again, record_again = models.load_trained("fcn", "quick", checkpoint_dir=tmp_path)
     assert record_again == record
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_danet_has_mmseg_per_branch_classifiers():
+    torch.manual_seed(0)
+    model = models.build("danet").eval()
+    assert model.branch_names == ("pam", "cam") and model.arch["branch_classifiers"] is True
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        logits, aux, branches = model(x, return_aux=True, return_branches=True)
+        torch.testing.assert_close(model(x), logits)
+        assert set(branches) == {"pam", "cam"} and all(t.shape == (1, 11, 32, 48) for t in branches.values())
+        # each branch classifier reads its own branch of the head
+        _, position, channel = model.head(model.backbone(x)[1], return_branches=True)
+        expected = torch.nn.functional.interpolate(model.branch_classifiers["cam"](channel), size=(32, 48), mode="bilinear")
+        torch.testing.assert_close(branches["cam"], expected)
+        assert not torch.allclose(branches["pam"], branches["cam"])
+    assert models.build("danet", aux=False).branch_names == ()
+    assert models.build("danet", aux=False).arch["branch_classifiers"] is False
+    fcn = models.build("fcn").eval()
+    assert fcn.branch_names == () and "branch_classifiers" not in fcn.arch  # other heads' checkpoints unchanged
+    with torch.no_grad():
+        assert fcn(x, return_branches=True)[1] == {}

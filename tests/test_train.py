@@ -297,3 +297,28 @@ def test_atomic_write_keeps_the_old_file_and_normal_permissions(tmp_path):
 def test_schedule_refuses_bad_settings(field, value):
     with pytest.raises(ValueError, match=f"Schedule.{field}"):
         replace(TINY, **{field: value})
+
+
+class TinyBranched(TinySegmentor):
+    """TinySegmentor with two per-branch outputs of constant zero logits: each adds log K to the loss."""
+
+    branch_names = ("pam", "cam")
+
+    def forward(self, x, return_aux=False, return_branches=False):
+        out = super().forward(x, return_aux)
+        if not return_branches:
+            return out
+        zeros = torch.zeros(x.shape[0], 11, *x.shape[2:], device=x.device) + 0 * self.aux_head.bias.sum()
+        return (*out, {name: zeros for name in self.branch_names})
+
+
+@requires_data
+def test_per_branch_losses_are_added_with_mmseg_weight():
+    """The trainer adds BRANCH_WEIGHT × the cross-entropy of every branch (DANet's PAM and CAM classifiers)."""
+    one_step = replace(TINY, steps=1, checkpoint_every=0)
+    plain = train.fit(_fresh_model(), one_step, eval_split=None, progress=False, device="cpu")
+    train.seed_everything(0)
+    branched = train.fit(TinyBranched(), one_step, eval_split=None, progress=False, device="cpu")
+    assert train.BRANCH_WEIGHT == 1.0  # mmseg's DAHead: loss_decode weight 1 on each of its three outputs
+    extra = branched["history"]["loss"][0] - plain["history"]["loss"][0]
+    assert extra == pytest.approx(2 * train.BRANCH_WEIGHT * math.log(11), rel=1e-5)
