@@ -32,8 +32,12 @@ any :math:`v` there is a path through the corner :math:`(u_\text{row}, v_\text{c
 **The double-counting pitfall.**  Implementations split :math:`\Omega_u` into the column (:math:`H`
 positions) and the row (:math:`W` positions); :math:`u` is in both.  Unless one copy is removed the
 softmax runs over :math:`H + W` entries and :math:`u` gets twice its weight.  The original CUDA
-kernel and mmcv put :math:`-\infty` on the column branch's diagonal before the joint softmax;
-so do we.
+kernel (``ca_forward_kernel`` in speedinghzl/CCNet) computes exactly the :math:`H + W - 1`
+affinities: its row branch covers all :math:`W` positions, its column branch skips the query's own
+row (``j = i < y ? i : i + 1``), so there is no :math:`-\infty` anywhere.  The pure-PyTorch
+versions that replaced it, the authors' later code and mmcv's (PRs #1186/#1201, about 5.4× faster
+than the kernel), compute all :math:`H + W` and put :math:`-\infty` on the column branch's diagonal
+before the joint softmax.  Both give the same function; we do as mmcv.
 
 Where each equation lives below:
 
@@ -77,11 +81,12 @@ __all__ = [
 ]
 
 
-def criss_cross_mask(height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
+def criss_cross_mask(height: int, width: int,
+                     device: torch.device | str | None = None) -> torch.Tensor:
     """The criss-cross pattern as a boolean ``HW × HW`` matrix over row-major positions.
 
-    Entry ``[u, v]`` is ``True`` where position ``v`` shares a row or a column with ``u``: each row
-    has exactly ``H + W - 1`` ``True`` entries, ``u`` itself counted once.
+    Entry ``[u, v]`` is ``True`` where position ``v`` shares a row or a column with
+    ``u``: each row has exactly ``H + W - 1`` ``True`` entries, ``u`` itself once.
     """
     check_positive(height, "height")
     check_positive(width, "width")
@@ -99,7 +104,8 @@ class CrissCrossAttention(nn.Module):
         fused: take the factorised :math:`O(HW(H+W))` path (else the dense masked definition).
     """
 
-    def __init__(self, in_channels: int, reduction: int = 8, fused: bool = True) -> None:
+    def __init__(self, in_channels: int, reduction: int = 8,
+                 fused: bool = True) -> None:
         super().__init__()
         check_positive(in_channels, "in_channels")
         self.in_channels, self.reduction, self.fused = in_channels, reduction, fused
@@ -107,50 +113,58 @@ class CrissCrossAttention(nn.Module):
         self.query = nn.Conv2d(in_channels, self.key_channels, 1)
         self.key = nn.Conv2d(in_channels, self.key_channels, 1)
         self.value = nn.Conv2d(in_channels, in_channels, 1)
-        self.gamma = nn.Parameter(torch.zeros(1))  # γ = 0: the block starts as the identity (official shape)
+        # γ = 0, one scalar as in the official code: the block starts as the identity.
+        self.gamma = nn.Parameter(torch.zeros(1))
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Q, K (B×C'×H×W) and V (B×C×H×W)."""
         return self.query(x), self.key(x), self.value(x)
 
     @staticmethod
-    def _factorised(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eqs. 1–2 along columns and rows.  Returns the aggregation (B×C×H×W) and A (B×H×W×(H+W)).
+    def _factorised(q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eqs. 1–2 along columns and rows.
 
-        ``A[b, i, j, :H]`` weighs the keys of column ``j`` (rows ``0..H-1``), ``A[b, i, j, H:]`` those
-        of row ``i`` (columns ``0..W-1``); the column entry of ``(i, j)`` itself is exactly 0.
-        Plain ``@`` on 4-D tensors (always a ``bmm``) rather than ``einsum``, which turns products
-        over size-1 dimensions into uncounted element-wise work when H or W is 1.
+        Returns the aggregation (B×C×H×W) and A (B×H×W×(H+W)): ``A[b, i, j, :H]``
+        weighs the keys of column ``j`` (rows ``0..H-1``), ``A[b, i, j, H:]`` those of
+        row ``i`` (columns ``0..W-1``); the column entry of ``(i, j)`` itself is exactly
+        0.  Plain ``@`` on 4-D tensors (always a ``bmm``) rather than ``einsum``, which
+        turns products over size-1 dimensions into uncounted element-wise work when H or
+        W is 1.
         """
         h, w = q.shape[2], q.shape[3]
-        # Column energies, a batched matmul over the W columns: e_col[b, i, j, k] = Q(i, j) · K(k, j).
-        e_col = (q.permute(0, 3, 2, 1) @ k.permute(0, 3, 1, 2)).transpose(1, 2)  # B×H×W×H
-        # Row energies, over the H rows: e_row[b, i, j, l] = Q(i, j) · K(i, l).
+        # Column energies, batched over the W columns: e_col[b,i,j,k] = Q(i,j)·K(k,j).
+        e_col = q.permute(0, 3, 2, 1) @ k.permute(0, 3, 1, 2)  # B×W×H×H, [b, j, i, k]
+        e_col = e_col.transpose(1, 2)  # B×H×W×H
+        # Row energies, batched over the H rows: e_row[b, i, j, l] = Q(i, j)·K(i, l).
         e_row = q.permute(0, 2, 3, 1) @ k.permute(0, 2, 1, 3)  # B×H×W×W
-        # (i, j) lies on its column and on its row: exclude the column copy (k == i), so it counts once.
-        own_position = torch.eye(h, dtype=torch.bool, device=q.device)[:, None, :]  # broadcasts over j
+        # (i, j) is on its column and on its row: drop the column copy (k == i), so it
+        # counts once.  The mask broadcasts over j.
+        own_position = torch.eye(h, dtype=torch.bool, device=q.device)[:, None, :]
         e_col = e_col.masked_fill(own_position, float("-inf"))
         # One softmax over the H + W energies (H + W - 1 finite): the A of eq. 1.
         attention = torch.cat([e_col, e_row], dim=-1).softmax(dim=-1)
         a_col, a_row = attention.split([h, w], dim=-1)
-        # Eq. 2: Σ over the column (batched over columns) plus Σ over the row (batched over rows),
-        # values on the left so that the products come out channels-first, like the feature map.
+        # Eq. 2: Σ over the column (batched over columns) + Σ over the row (over rows),
+        # values on the left so that the products come out channels-first, as the map.
         y_col = v.permute(0, 3, 1, 2) @ a_col.permute(0, 2, 3, 1)  # B×W×C×H, [b, j, c, i]
         y_row = v.permute(0, 2, 1, 3) @ a_row.transpose(-1, -2)  # B×H×C×W, [b, i, c, j]
-        # One copy to contiguous B×C×H×W, so the next layer's convolutions (RCCA's next loop) do
-        # not run on, and pass on, a permuted layout.
-        return (y_row.permute(0, 2, 1, 3) + y_col.permute(0, 2, 3, 1)).contiguous(), attention
+        # One copy to contiguous B×C×H×W, so that the next layer's convolutions (RCCA's
+        # next loop) neither run on nor pass on a permuted layout.
+        y = y_row.permute(0, 2, 1, 3) + y_col.permute(0, 2, 3, 1)
+        return y.contiguous(), attention
 
     @staticmethod
     def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_weights: bool):
-        """Eqs. 1–2 as the definition: attention over all N = HW keys, masked to the criss-cross.
+        """Eqs. 1–2 as the definition: attention over all N = HW keys, masked.
 
         Returns the aggregation (B×C×H×W) and, if asked, the B×N×N weights.
         """
         b, c, h, w = v.shape
-        tokens = [t.flatten(2).transpose(1, 2) for t in (q, k, v)]  # B×N×C', B×N×C', B×N×C
-        y, weights = attend(*tokens, scale=1.0, mask=criss_cross_mask(h, w, device=v.device),
-                            need_weights=need_weights, fused=False)
+        tokens = [t.flatten(2).transpose(1, 2) for t in (q, k, v)]  # B×N×C', C', C
+        mask = criss_cross_mask(h, w, device=v.device)
+        y, weights = attend(*tokens, scale=1.0, mask=mask, need_weights=need_weights,
+                            fused=False)
         return y.transpose(1, 2).reshape(b, c, h, w), weights
 
     def _forward(self, x: torch.Tensor, need_weights: bool):
@@ -170,16 +184,16 @@ class CrissCrossAttention(nn.Module):
         return self._forward(x, need_weights=True)[1]
 
     def attention_map(self, x: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
-        """The H + W − 1 weights of ``query = (i, j)`` scattered back onto the H×W grid (B×H×W).
+        """The H + W − 1 weights of ``query = (i, j)`` on the H×W grid (B×H×W).
 
-        Zero off row ``i`` and column ``j``; sums to 1.  Read from the factorised attention, so it
-        costs :math:`O(HW(H+W))`, not the dense :math:`(HW)^2`.
+        Zero off row ``i`` and column ``j``; sums to 1.  Read from the factorised
+        attention, so it costs :math:`O(HW(H+W))`, not the dense :math:`(HW)^2`.
         """
         b, _, h, w = check_feature_map(x, self.in_channels, type(self).__name__)
         i, j = check_query(query, h, w)
         attention = self._factorised(*self._project(x))[1][:, i, j]  # B×(H+W)
         amap = attention.new_zeros(b, h, w)
-        amap[:, :, j] = attention[:, :h]  # column j; its entry at row i is the excluded copy, 0
+        amap[:, :, j] = attention[:, :h]  # column j; its row-i entry (the copy) is 0
         amap[:, i, :] += attention[:, h:]  # row i, including (i, j) itself
         return amap
 
@@ -227,12 +241,13 @@ class RecurrentCrissCross(nn.Module):
         return x
 
     def attention_map(self, x: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
-        r"""Row ``query`` of the loops' attention matrices composed, :math:`A_R \cdots A_1` (B×H×W).
+        r"""Row ``query`` of the loops' matrices composed, :math:`A_R\cdots A_1`, B×H×W.
 
-        :math:`A_r` is the dense criss-cross matrix of loop :math:`r`, computed on that loop's input.
-        The composition follows the value path only — what loop :math:`R`'s aggregation reads, through
-        the earlier loops' aggregations — and ignores the residual and :math:`\gamma`.  A product of
-        row-stochastic matrices, it sums to 1; with :math:`R = 2` every entry is positive.
+        :math:`A_r` is the dense criss-cross matrix of loop :math:`r`, computed on that
+        loop's input.  The composition follows the value path only (what loop
+        :math:`R`'s aggregation reads, through the earlier loops' aggregations) and
+        ignores the residual and :math:`\gamma`.  A product of row-stochastic matrices,
+        it sums to 1; with :math:`R = 2` every entry is positive.
         """
         b, _, h, w = check_feature_map(x, self.cca.in_channels, type(self).__name__)
         i, j = check_query(query, h, w)
@@ -241,7 +256,8 @@ class RecurrentCrissCross(nn.Module):
             x, weights = self.cca._forward(x, need_weights=True)
             loops.append(weights)
         row = loops[-1][:, i * w + j][:, None]  # B×1×N: row of A_R
-        for weights in reversed(loops[:-1]):  # (row A_R) A_{R-1} ⋯ A_1, never an N×N product
+        # (row of A_R) A_{R-1} ⋯ A_1, vector by matrix: never an N×N product.
+        for weights in reversed(loops[:-1]):
             row = row @ weights
         return row.reshape(b, h, w)
 

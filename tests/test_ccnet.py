@@ -214,3 +214,62 @@ def test_attention_memory_formulas():
     assert recurrent_criss_cross_attention_memory(b, 16, h, w, recurrence=3, fused=True) == 3 * b * n * (h + w) * 4
     block = CrissCrossAttention(16, fused=True)
     assert attnlib.complexity.attention_memory(block, b, h, w) == b * n * (h + w) * 4
+
+
+def mmcv_criss_cross(block: CrissCrossAttention, x: torch.Tensor) -> torch.Tensor:
+    """mmcv 2.1 ``ops/cc_attention.py`` ``CrissCrossAttention.forward``, transcribed (einsums and all)
+    with attnlib's parameter names; mmcv's ``Scale(0.)`` is our ``gamma``."""
+    h = x.shape[2]
+    query, key, value = block.query(x), block.key(x), block.value(x)
+    neg_inf_diag = torch.diag(torch.tensor(float("-inf"), dtype=x.dtype).repeat(h), 0)
+    energy_h = torch.einsum("bchw,bciw->bwhi", query, key) + neg_inf_diag
+    energy_h = energy_h.transpose(1, 2)
+    energy_w = torch.einsum("bchw,bchj->bhwj", query, key)
+    attn = torch.softmax(torch.cat([energy_h, energy_w], dim=-1), dim=-1)  # [B,H,W,(H+W)]
+    out = torch.einsum("bciw,bhwi->bchw", value, attn[..., :h])
+    out += torch.einsum("bchj,bhwj->bchw", value, attn[..., h:])
+    return block.gamma * out + x
+
+
+def cuda_kernel_weights(block: CrissCrossAttention, x: torch.Tensor) -> torch.Tensor:
+    """The official CUDA kernel's layout (speedinghzl/CCNet ``ca_forward_kernel``), for one image:
+    H + W - 1 energies per position, the W of its row first, then its column *without* its own row
+    (``j = i < y ? i : i + 1``), no -inf anywhere; a softmax over them.  Returns the N×N weights."""
+    q, k = conv1x1(x, block.query), conv1x1(x, block.key)
+    _, h, w = x.shape
+    weights = torch.zeros(h * w, h * w, dtype=x.dtype)
+    for y in range(h):
+        for xx in range(w):
+            keys = [(y, i) for i in range(w)] + [(i if i < y else i + 1, xx) for i in range(h - 1)]
+            energy = torch.stack([q[:, y, xx] @ k[:, r, c] for r, c in keys])
+            for (r, c), a in zip(keys, energy.softmax(dim=0)):
+                weights[y * w + xx, r * w + c] = a
+    return weights
+
+
+@pytest.mark.parametrize("h,w", [(1, 1), (1, 5), (4, 1), (5, 7)])
+def test_equals_mmcv_pure_pytorch_and_the_official_cuda_layout(h, w):
+    """Two ways to count the centre once, one function: mmcv's -inf on the column diagonal and the
+    original kernel's H + W - 1 energies; attnlib's both paths agree with both in float64."""
+    block = random_block()
+    x = torch.randn(2, 8, h, w, dtype=torch.float64)
+    with torch.no_grad():
+        expected = mmcv_criss_cross(block, x)
+        for fused in (True, False):
+            torch.testing.assert_close(set_fused(block, fused)(x), expected, rtol=0, atol=1e-12)
+        weights = block.attention_weights(x)
+    for b in range(2):
+        torch.testing.assert_close(weights[b], cuda_kernel_weights(block, x[b]), rtol=0, atol=1e-14)
+
+
+def test_double_counting_changes_the_output():
+    """Without the -inf the centre is weighed twice: the test above would catch that bug."""
+    block = random_block()
+    x = torch.randn(1, 8, 5, 6, dtype=torch.float64)
+    q, k, v = block._project(x)
+    e_col = torch.einsum("bchw,bckw->bhwk", q, k)
+    e_row = torch.einsum("bchw,bchl->bhwl", q, k)
+    a = torch.cat([e_col, e_row], dim=-1).softmax(dim=-1)
+    y = torch.einsum("bhwk,bckw->bchw", a[..., :5], v) + torch.einsum("bhwl,bchl->bchw", a[..., 5:], v)
+    with torch.no_grad():
+        assert (block.gamma * y + x - block(x)).abs().max() > 1e-3
