@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_feature_map, check_positive, check_query
+from ._checks import check_feature_map, check_positive, check_query, reduced_channels
 from .core import attend, attention_matrix_bytes
 
 __all__ = [
@@ -82,35 +82,51 @@ __all__ = [
 POOL_SIZES = (1, 3, 6, 8)  # the paper's pyramid: 110 samples
 
 
-def _check_pool_sizes(pool_sizes: object) -> tuple[int, ...]:
-    """Check that ``pool_sizes`` is a non-empty sequence of positive ints and return it as a tuple."""
+def _is_positive_int(n: object) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+
+def _check_pool_sizes(pool_sizes: object) -> tuple[int | tuple[int, int], ...]:
+    """Check that ``pool_sizes`` is a non-empty sequence of levels and return it as a tuple.
+
+    A level is a positive int ``n`` (an n×n grid of bins, as in the paper) or a pair of
+    positive ints ``(rows, cols)``: ``((H, W),)`` samples every pixel of an H×W map once.
+    """
     if (
         isinstance(pool_sizes, str)
         or not isinstance(pool_sizes, Sequence)
         or len(pool_sizes) == 0
-        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in pool_sizes)
+        or not all(_is_positive_int(n) or (isinstance(n, tuple) and len(n) == 2 and all(map(_is_positive_int, n)))
+                   for n in pool_sizes)
     ):
-        raise ValueError(f"expected pool_sizes to be a non-empty sequence of positive ints, got {pool_sizes!r}")
+        raise ValueError(f"expected pool_sizes to be a non-empty sequence of positive ints or (rows, cols) "
+                         f"pairs of positive ints, got {pool_sizes!r}")
     return tuple(pool_sizes)
 
 
-def num_samples(pool_sizes: Sequence[int] = POOL_SIZES) -> int:
+def _grids(pool_sizes: Sequence[int | tuple[int, int]]) -> list[tuple[int, int]]:
+    """Each level of a checked pyramid as its (rows, cols) of bins."""
+    return [(n, n) if isinstance(n, int) else n for n in pool_sizes]
+
+
+def num_samples(pool_sizes: Sequence[int | tuple[int, int]] = POOL_SIZES) -> int:
     r"""The number of sampled keys :math:`S = \sum_n n^2` (110 for the paper's ``(1, 3, 6, 8)``)."""
-    return sum(n * n for n in _check_pool_sizes(pool_sizes))
+    return sum(rows * cols for rows, cols in _grids(_check_pool_sizes(pool_sizes)))
 
 
-def pyramid_sample(x: torch.Tensor, pool_sizes: Sequence[int] = POOL_SIZES) -> torch.Tensor:
+def pyramid_sample(x: torch.Tensor, pool_sizes: Sequence[int | tuple[int, int]] = POOL_SIZES) -> torch.Tensor:
     r"""The sampling module :math:`P` (Sec. 3.2): B×C×H×W → B×C×S.
 
-    Adaptive average pooling to n×n for each ``n`` in ``pool_sizes``, each result flattened
-    row-major and the pyramid concatenated, coarsest first:  :math:`S = \sum_n n^2`.
+    Adaptive average pooling to n×n for each ``n`` in ``pool_sizes`` (to rows×cols for a
+    pair), each result flattened row-major and the levels concatenated in the given order
+    (coarsest first in the paper's pyramid):  :math:`S = \sum_n n^2`.
     Adaptive pooling's bin :math:`k` of :math:`n` along a side of length :math:`L` covers
     :math:`[\lfloor kL/n\rfloor, \lceil (k+1)L/n\rceil)`, so when :math:`n` does not divide
     :math:`L` neighbouring bins overlap by one pixel, and when :math:`n > L` pixels repeat.
     """
-    pool_sizes = _check_pool_sizes(pool_sizes)
+    grids = _grids(_check_pool_sizes(pool_sizes))
     b, c, _, _ = check_feature_map(x, None, "pyramid_sample")
-    return torch.cat([F.adaptive_avg_pool2d(x, n).reshape(b, c, n * n) for n in pool_sizes], dim=2)
+    return torch.cat([F.adaptive_avg_pool2d(x, grid).reshape(b, c, grid[0] * grid[1]) for grid in grids], dim=2)
 
 
 def _bin_matrix(length: int, bins: int, like: torch.Tensor) -> torch.Tensor:
@@ -122,7 +138,8 @@ def _bin_matrix(length: int, bins: int, like: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool1d(eye[:, None, :], bins)[:, 0, :].T
 
 
-def _spread_to_pixels(row: torch.Tensor, height: int, width: int, pool_sizes: tuple[int, ...]) -> torch.Tensor:
+def _spread_to_pixels(row: torch.Tensor, height: int, width: int,
+                      pool_sizes: tuple[int | tuple[int, int], ...]) -> torch.Tensor:
     r"""Spread attention over the S pooled bins (B×S) back to the H×W pixels (B×H×W).
 
     Pooling is linear, :math:`\gamma_P = \gamma\,\mathcal{P}^\top` with
@@ -133,9 +150,10 @@ def _spread_to_pixels(row: torch.Tensor, height: int, width: int, pool_sizes: tu
     (:func:`_bin_matrix` for :math:`R, C`), never forming the S×HW matrix.
     """
     spread = row.new_zeros(row.shape[0], height, width)
-    for n, a in zip(pool_sizes, row.split([n * n for n in pool_sizes], dim=1)):
-        rows, cols = _bin_matrix(height, n, row), _bin_matrix(width, n, row)
-        spread = spread + torch.einsum("bkl,ky,lx->byx", a.reshape(-1, n, n), rows, cols)
+    grids = _grids(pool_sizes)
+    for (n_rows, n_cols), a in zip(grids, row.split([r * c for r, c in grids], dim=1)):
+        rows, cols = _bin_matrix(height, n_rows, row), _bin_matrix(width, n_cols, row)
+        spread = spread + torch.einsum("bkl,ky,lx->byx", a.reshape(-1, n_rows, n_cols), rows, cols)
     return spread
 
 
@@ -201,17 +219,23 @@ class APNB(_PyramidNonLocal):
 
     Args:
         in_channels: C of the input.
-        out_channels: C of the output (the official network uses ``in_channels``).
-        key_channels: :math:`\hat C` of the shared query/key projection.
-        value_channels: width of the value projection :math:`\gamma`.
-        pool_sizes: the pyramid; S = Σ n² keys (110 for the default).
-        dropout: ``Dropout2d`` rate after the fusion (official default 0.05).
+        out_channels: C of the output; default ``in_channels``, as the official network.
+        key_channels: :math:`\hat C` of the shared query/key projection; default
+            ``in_channels // 2`` (the official network's 256 on 512).
+        value_channels: width of the value projection :math:`\gamma`; default ``key_channels``.
+        pool_sizes: the pyramid; S = Σ n² keys (110 for the default).  A level may be a
+            ``(rows, cols)`` pair: ``((H, W),)`` samples every pixel of an H×W map.
+        dropout: ``Dropout2d`` rate after the fusion (official 0.05; mmseg has none).
         fused: compute the attention on the fast path when no weights are asked for.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, key_channels: int, value_channels: int,
-                 pool_sizes: Sequence[int] = POOL_SIZES, dropout: float = 0.05, fused: bool = True) -> None:
+    def __init__(self, in_channels: int, out_channels: int | None = None, key_channels: int | None = None,
+                 value_channels: int | None = None, pool_sizes: Sequence[int | tuple[int, int]] = POOL_SIZES,
+                 dropout: float = 0.05, fused: bool = True) -> None:
         check_positive(in_channels, "in_channels")
+        out_channels = in_channels if out_channels is None else out_channels
+        key_channels = reduced_channels(in_channels, 2) if key_channels is None else key_channels
+        value_channels = key_channels if value_channels is None else value_channels
         super().__init__(in_channels, None, key_channels, value_channels, out_channels, pool_sizes, fused)
         self.in_channels = in_channels
         self.fuse = nn.Sequential(  # official APNB: conv, BN, ReLU, dropout
@@ -263,19 +287,24 @@ class AFNB(_PyramidNonLocal):
     Args:
         low_channels: C of the low-level map (stage 3), which gives keys and values.
         high_channels: C of the high-level map (stage 4), which gives queries and is fused with the output.
-        out_channels: C of the output.
-        key_channels: :math:`\hat C` of the query and key projections.
-        value_channels: width of the value projection :math:`\gamma`.
-        pool_sizes: the pyramid; S = Σ n² keys (110 for the default).
-        dropout: ``Dropout2d`` rate after the fusion (official default 0.05).
+        out_channels: C of the output; default ``high_channels``, as the official network.
+        key_channels: :math:`\hat C` of the query and key projections; default
+            ``high_channels // 8`` (the official network's 256 on 2048).
+        value_channels: width of the value projection :math:`\gamma`; default ``key_channels``.
+        pool_sizes: the pyramid; S = Σ n² keys (110 for the default), levels as in :class:`APNB`.
+        dropout: ``Dropout2d`` rate after the fusion (official 0.05; mmseg has none).
         fused: compute the attention on the fast path when no weights are asked for.
     """
 
-    def __init__(self, low_channels: int, high_channels: int, out_channels: int, key_channels: int,
-                 value_channels: int, pool_sizes: Sequence[int] = POOL_SIZES, dropout: float = 0.05,
+    def __init__(self, low_channels: int, high_channels: int, out_channels: int | None = None,
+                 key_channels: int | None = None, value_channels: int | None = None,
+                 pool_sizes: Sequence[int | tuple[int, int]] = POOL_SIZES, dropout: float = 0.05,
                  fused: bool = True) -> None:
         check_positive(low_channels, "low_channels")
         check_positive(high_channels, "high_channels")
+        out_channels = high_channels if out_channels is None else out_channels
+        key_channels = reduced_channels(high_channels, 8) if key_channels is None else key_channels
+        value_channels = key_channels if value_channels is None else value_channels
         super().__init__(low_channels, high_channels, key_channels, value_channels, out_channels, pool_sizes, fused)
         self.low_channels, self.high_channels = low_channels, high_channels
         self.fuse = nn.Sequential(  # official AFNB: conv, BN (no ReLU), dropout

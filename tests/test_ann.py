@@ -18,13 +18,18 @@ def bin_edges(length: int, n: int) -> list[tuple[int, int]]:
     return [(k * length // n, -((-(k + 1) * length) // n)) for k in range(n)]
 
 
+def levels(pool_sizes):
+    """Each level as (rows, cols): n means n×n."""
+    return [(n, n) if isinstance(n, int) else n for n in pool_sizes]
+
+
 def loop_pyramid(x: torch.Tensor, pool_sizes) -> torch.Tensor:
     """P(x) for one C×H×W map: the mean of every bin, coarsest pyramid level first, row-major."""
     _, h, w = x.shape
     samples = []
-    for n in pool_sizes:
-        for top, bottom in bin_edges(h, n):
-            for left, right in bin_edges(w, n):
+    for rows, cols in levels(pool_sizes):
+        for top, bottom in bin_edges(h, rows):
+            for left, right in bin_edges(w, cols):
                 samples.append(x[:, top:bottom, left:right].mean(dim=(1, 2)))
     return torch.stack(samples, dim=1)  # C×S
 
@@ -33,9 +38,9 @@ def loop_map(row: torch.Tensor, h: int, w: int, pool_sizes) -> torch.Tensor:
     """Pixel p's weight Σ_{bins b ∋ p} a_b / |b|, bin by bin."""
     amap = torch.zeros(h, w, dtype=row.dtype)
     s = 0
-    for n in pool_sizes:
-        for top, bottom in bin_edges(h, n):
-            for left, right in bin_edges(w, n):
+    for rows, cols in levels(pool_sizes):
+        for top, bottom in bin_edges(h, rows):
+            for left, right in bin_edges(w, cols):
                 amap[top:bottom, left:right] += row[s] / ((bottom - top) * (right - left))
                 s += 1
     return amap
@@ -92,10 +97,11 @@ def test_paper_pyramid_has_110_samples():
 
 
 @pytest.mark.parametrize("size", [(12, 12), (7, 11), (5, 3)], ids=["divisible", "overlapping", "smaller-than-8"])
-def test_pyramid_sample_is_the_mean_of_each_bin(size):
+@pytest.mark.parametrize("pool_sizes", [(1, 3, 6, 8), (1, (2, 3), (5, 4))], ids=["paper", "rectangular"])
+def test_pyramid_sample_is_the_mean_of_each_bin(size, pool_sizes):
     x = torch.randn(2, 3, *size, dtype=torch.float64)
-    pool_sizes = (1, 3, 6, 8)
     out = pyramid_sample(x, pool_sizes)
+    assert out.shape == (2, 3, num_samples(pool_sizes))
     for b in range(2):
         torch.testing.assert_close(out[b], loop_pyramid(x[b], pool_sizes))
 
@@ -105,7 +111,8 @@ def test_bin_edges_overlap_when_not_divisible():
     assert bin_edges(7, 3) == [(0, 3), (2, 5), (4, 7)]
 
 
-@pytest.mark.parametrize("bad", [0, -1, (), (3, 0), 2.5, (2.5,), (True,), "13", None])
+@pytest.mark.parametrize("bad", [0, -1, (), (3, 0), 2.5, (2.5,), (True,), "13", None, ((2, 0),), ((1, 2, 3),),
+                                 ([2, 3],), ((2, True),)])
 def test_bad_pool_sizes_raise(bad):
     pattern = "pool_sizes.*" + re.escape(repr(bad))
     for build in (lambda: pyramid_sample(torch.randn(1, 2, 4, 4), bad), lambda: num_samples(bad),
@@ -144,6 +151,17 @@ def test_afnb_equals_loop_definition(fused):
         torch.testing.assert_close(weights[b], expected_weights)
 
 
+def test_default_widths_follow_the_official_network():
+    """APNB(512) is the official context block (512 → 512, 256 key/value channels); AFNB(1024, 2048) its fusion."""
+    apnb, afnb = APNB(512), AFNB(1024, 2048)
+    assert (apnb.out_channels, apnb.key_channels, apnb.value_channels) == (512, 256, 256)
+    assert (afnb.out_channels, afnb.key_channels, afnb.value_channels) == (2048, 256, 256)
+    assert APNB(8, key_channels=3).value_channels == 3
+    assert APNB(512)(torch.randn(1, 512, 6, 7)).shape == (1, 512, 6, 7)
+    with pytest.raises(ValueError, match="in_channels // reduction >= 1.*1 // 2 = 0"):
+        APNB(1)
+
+
 def test_apnb_query_and_key_share_one_projection():
     block = APNB(8, 8, 4, 4)
     assert block.f_query is None
@@ -164,6 +182,23 @@ def test_full_grid_apnb_is_nonlocal_with_shared_query_and_key(fused):
         expected = block.fuse(torch.cat([context, x], dim=1))
         torch.testing.assert_close(block.attention_weights(x), dense_weights)
         torch.testing.assert_close(block(x), expected)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_full_grid_of_a_rectangular_map_is_nonlocal(fused):
+    """One level of (H, W) bins on an H×W map: S = N and APNB's weights are the dense N×N softmax."""
+    block = make_apnb(pool_sizes=((4, 6),))
+    block.fused = fused
+    x = torch.randn(2, 5, 4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        q = block.f_key(x).flatten(2).transpose(1, 2)
+        v = block.f_value(x).flatten(2).transpose(1, 2)
+        dense, dense_weights = attend(q, q, v, scale=block.key_channels ** -0.5, need_weights=True)
+        expected = block.fuse(torch.cat([block.W(dense.transpose(1, 2).reshape(2, -1, 4, 6)), x], dim=1))
+        torch.testing.assert_close(block.attention_weights(x), dense_weights)
+        torch.testing.assert_close(block(x), expected)
+        amap = attnlib.attention_map(block, x, (1, 4))
+        torch.testing.assert_close(amap, dense_weights[:, 1 * 6 + 4].reshape(2, 4, 6))
 
 
 # --- AFNB's asymmetry: queries from high, keys and values from low ----------------------------
@@ -210,7 +245,8 @@ def test_afnb_rejects_mismatched_low_and_high():
 # --- the effective attention map -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pool_sizes", [(1, 2, 3), (1, 3, 6, 8)], ids=["overlapping", "paper"])
+@pytest.mark.parametrize("pool_sizes", [(1, 2, 3), (1, 3, 6, 8), (1, (2, 4), (3, 2))],
+                         ids=["overlapping", "paper", "rectangular"])
 def test_attention_map_equals_loop_over_bins(pool_sizes):
     block = make_apnb(pool_sizes)
     x = torch.randn(2, 5, 7, 11, dtype=torch.float64)
