@@ -80,6 +80,7 @@ __all__ = [
 ]
 
 POOL_SIZES = (1, 3, 6, 8)  # the paper's pyramid: 110 samples
+Levels = Sequence[int | tuple[int, int]]  # n (an n×n grid of bins) or (rows, cols), per level
 
 
 def _is_positive_int(n: object) -> bool:
@@ -104,29 +105,32 @@ def _check_pool_sizes(pool_sizes: object) -> tuple[int | tuple[int, int], ...]:
     return tuple(pool_sizes)
 
 
-def _grids(pool_sizes: Sequence[int | tuple[int, int]]) -> list[tuple[int, int]]:
+def _grids(pool_sizes: Levels) -> list[tuple[int, int]]:
     """Each level of a checked pyramid as its (rows, cols) of bins."""
     return [(n, n) if isinstance(n, int) else n for n in pool_sizes]
 
 
-def num_samples(pool_sizes: Sequence[int | tuple[int, int]] = POOL_SIZES) -> int:
+def num_samples(pool_sizes: Levels = POOL_SIZES) -> int:
     r"""The number of sampled keys :math:`S = \sum_n n^2` (110 for the paper's ``(1, 3, 6, 8)``)."""
     return sum(rows * cols for rows, cols in _grids(_check_pool_sizes(pool_sizes)))
 
 
-def pyramid_sample(x: torch.Tensor, pool_sizes: Sequence[int | tuple[int, int]] = POOL_SIZES) -> torch.Tensor:
+def pyramid_sample(x: torch.Tensor, pool_sizes: Levels = POOL_SIZES) -> torch.Tensor:
     r"""The sampling module :math:`P` (Sec. 3.2): B×C×H×W → B×C×S.
 
-    Adaptive average pooling to n×n for each ``n`` in ``pool_sizes`` (to rows×cols for a
-    pair), each result flattened row-major and the levels concatenated in the given order
-    (coarsest first in the paper's pyramid):  :math:`S = \sum_n n^2`.
-    Adaptive pooling's bin :math:`k` of :math:`n` along a side of length :math:`L` covers
-    :math:`[\lfloor kL/n\rfloor, \lceil (k+1)L/n\rceil)`, so when :math:`n` does not divide
-    :math:`L` neighbouring bins overlap by one pixel, and when :math:`n > L` pixels repeat.
+    Adaptive average pooling to n×n for each ``n`` in ``pool_sizes`` (to rows×cols
+    for a pair), each result flattened row-major and the levels concatenated in the
+    given order (coarsest first in the paper's pyramid):  :math:`S = \sum_n n^2`.
+    Adaptive pooling's bin :math:`k` of :math:`n` along a side of length :math:`L`
+    covers :math:`[\lfloor kL/n\rfloor, \lceil (k+1)L/n\rceil)`, so when :math:`n`
+    does not divide :math:`L` neighbouring bins overlap by one pixel, and when
+    :math:`n > L` pixels repeat.
     """
     grids = _grids(_check_pool_sizes(pool_sizes))
     b, c, _, _ = check_feature_map(x, None, "pyramid_sample")
-    return torch.cat([F.adaptive_avg_pool2d(x, grid).reshape(b, c, grid[0] * grid[1]) for grid in grids], dim=2)
+    levels = [F.adaptive_avg_pool2d(x, (rows, cols)).reshape(b, c, rows * cols)
+              for rows, cols in grids]
+    return torch.cat(levels, dim=2)
 
 
 def _bin_matrix(length: int, bins: int, like: torch.Tensor) -> torch.Tensor:
@@ -139,21 +143,23 @@ def _bin_matrix(length: int, bins: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def _spread_to_pixels(row: torch.Tensor, height: int, width: int,
-                      pool_sizes: tuple[int | tuple[int, int], ...]) -> torch.Tensor:
+                      pool_sizes: Levels) -> torch.Tensor:
     r"""Spread attention over the S pooled bins (B×S) back to the H×W pixels (B×H×W).
 
     Pooling is linear, :math:`\gamma_P = \gamma\,\mathcal{P}^\top` with
     :math:`\mathcal{P}_{b,p} = [p \in b]/|b|`, so query i's output
-    :math:`\sum_b a_b \gamma_{P,b} = \sum_p (a\mathcal{P})_p\, \gamma_p` gives pixel p the
-    exact weight :math:`(a\mathcal{P})_p = \sum_{b \ni p} a_b/|b|`.  A 2-D bin is a product of
-    a row bin and a column bin, so per pool size :math:`a\mathcal{P} = R^\top A\, C`
-    (:func:`_bin_matrix` for :math:`R, C`), never forming the S×HW matrix.
+    :math:`\sum_b a_b \gamma_{P,b} = \sum_p (a\mathcal{P})_p\, \gamma_p` gives pixel p
+    the exact weight :math:`(a\mathcal{P})_p = \sum_{b \ni p} a_b/|b|`.  A 2-D bin is
+    a product of a row bin and a column bin, so per level
+    :math:`a\mathcal{P} = R^\top A\, C` (:func:`_bin_matrix` for :math:`R, C`), never
+    forming the S×HW matrix.
     """
     spread = row.new_zeros(row.shape[0], height, width)
     grids = _grids(pool_sizes)
     for (n_rows, n_cols), a in zip(grids, row.split([r * c for r, c in grids], dim=1)):
         rows, cols = _bin_matrix(height, n_rows, row), _bin_matrix(width, n_cols, row)
-        spread = spread + torch.einsum("bkl,ky,lx->byx", a.reshape(-1, n_rows, n_cols), rows, cols)
+        a = a.reshape(-1, n_rows, n_cols)
+        spread = spread + torch.einsum("bkl,ky,lx->byx", a, rows, cols)
     return spread
 
 
@@ -172,7 +178,7 @@ class _PyramidNonLocal(nn.Module):
     """
 
     def __init__(self, keys_from_channels: int, queries_from_channels: int | None, key_channels: int, value_channels: int,
-                 out_channels: int, pool_sizes: Sequence[int], fused: bool) -> None:
+                 out_channels: int, pool_sizes: Levels, fused: bool) -> None:
         super().__init__()
         for value, name in ((key_channels, "key_channels"), (value_channels, "value_channels"),
                             (out_channels, "out_channels")):
@@ -188,15 +194,23 @@ class _PyramidNonLocal(nn.Module):
         nn.init.zeros_(self.W.weight)
         nn.init.zeros_(self.W.bias)
 
-    def _attend(self, keys_from: torch.Tensor, queries_from: torch.Tensor, need_weights: bool):
-        r""":math:`O_P = \operatorname{softmax}(\phi^\top\theta_P/\sqrt{\hat C})\,\gamma_P^\top`: (B×N×value_channels, B×N×S or None)."""
+    def _attend(self, keys_from: torch.Tensor, queries_from: torch.Tensor,
+                need_weights: bool):
+        r""":math:`O_P = \operatorname{softmax}(\phi^\top\theta_P/\sqrt{\hat C})\,\gamma_P^\top`.
+
+        Returns (B×N×value_channels, B×N×S weights or None).
+        """
         key = self.f_key(keys_from)
-        query = key if self.f_query is None else self.f_query(queries_from)  # APNB: one projection, computed once
-        # Sampled after the projections, as in the paper (θ_P = P(θ)) and the official code.  For
-        # the key it must be: ReLU does not commute with averaging.  (γ is affine, so P(γ(X)) = γ(P(X)).)
-        key = pyramid_sample(key, self.pool_sizes).transpose(1, 2)  # B×S×key_channels
-        value = pyramid_sample(self.f_value(keys_from), self.pool_sizes).transpose(1, 2)  # B×S×value_channels
-        return attend(query.flatten(2).transpose(1, 2), key, value, scale=self.key_channels ** -0.5,
+        # APNB: one projection for queries and keys, computed once
+        query = key if self.f_query is None else self.f_query(queries_from)
+        # Sampled after the projections, as in the paper (θ_P = P(θ)) and the official
+        # code.  For the key it must be: ReLU does not commute with averaging.
+        # (γ is affine, so P(γ(X)) = γ(P(X)).)
+        key = pyramid_sample(key, self.pool_sizes).transpose(1, 2)  # B×S×Ĉ
+        value = pyramid_sample(self.f_value(keys_from), self.pool_sizes)
+        value = value.transpose(1, 2)  # B×S×value_channels
+        query = query.flatten(2).transpose(1, 2)  # B×N×Ĉ: every position queries
+        return attend(query, key, value, scale=self.key_channels ** -0.5,
                       need_weights=need_weights, fused=self.fused)
 
     def _forward(self, keys_from: torch.Tensor, queries_from: torch.Tensor) -> torch.Tensor:
@@ -229,14 +243,17 @@ class APNB(_PyramidNonLocal):
         fused: compute the attention on the fast path when no weights are asked for.
     """
 
-    def __init__(self, in_channels: int, out_channels: int | None = None, key_channels: int | None = None,
-                 value_channels: int | None = None, pool_sizes: Sequence[int | tuple[int, int]] = POOL_SIZES,
-                 dropout: float = 0.05, fused: bool = True) -> None:
+    def __init__(self, in_channels: int, out_channels: int | None = None,
+                 key_channels: int | None = None, value_channels: int | None = None,
+                 pool_sizes: Levels = POOL_SIZES, dropout: float = 0.05,
+                 fused: bool = True) -> None:
         check_positive(in_channels, "in_channels")
         out_channels = in_channels if out_channels is None else out_channels
-        key_channels = reduced_channels(in_channels, 2) if key_channels is None else key_channels
+        if key_channels is None:
+            key_channels = reduced_channels(in_channels, 2)
         value_channels = key_channels if value_channels is None else value_channels
-        super().__init__(in_channels, None, key_channels, value_channels, out_channels, pool_sizes, fused)
+        super().__init__(in_channels, None, key_channels, value_channels, out_channels,
+                         pool_sizes, fused)
         self.in_channels = in_channels
         self.fuse = nn.Sequential(  # official APNB: conv, BN, ReLU, dropout
             nn.Conv2d(out_channels + in_channels, out_channels, 1, bias=False),
@@ -298,7 +315,7 @@ class AFNB(_PyramidNonLocal):
 
     def __init__(self, low_channels: int, high_channels: int, out_channels: int | None = None,
                  key_channels: int | None = None, value_channels: int | None = None,
-                 pool_sizes: Sequence[int | tuple[int, int]] = POOL_SIZES, dropout: float = 0.05,
+                 pool_sizes: Levels = POOL_SIZES, dropout: float = 0.05,
                  fused: bool = True) -> None:
         check_positive(low_channels, "low_channels")
         check_positive(high_channels, "high_channels")
@@ -362,7 +379,7 @@ def _attention_flops(batch: int, n: int, s: int, key_channels: int, value_channe
 
 
 def apnb_flops(batch: int, channels: int, height: int, width: int, *, out_channels: int, key_channels: int,
-               value_channels: int, pool_sizes: Sequence[int] = POOL_SIZES) -> dict[str, int]:
+               value_channels: int, pool_sizes: Levels = POOL_SIZES) -> dict[str, int]:
     r"""FLOPs of one :class:`APNB` forward pass, 2 per multiply-add, as ``FlopCounterMode`` counts them.
 
     With :math:`N = HW`, :math:`S = \sum n^2`, input :math:`C`, output :math:`C_o`, key
@@ -383,7 +400,7 @@ def apnb_flops(batch: int, channels: int, height: int, width: int, *, out_channe
 
 
 def afnb_flops(batch: int, channels: int, height: int, width: int, *, low_channels: int, out_channels: int,
-               key_channels: int, value_channels: int, pool_sizes: Sequence[int] = POOL_SIZES) -> dict[str, int]:
+               key_channels: int, value_channels: int, pool_sizes: Levels = POOL_SIZES) -> dict[str, int]:
     r"""FLOPs of one :class:`AFNB` forward pass; ``channels`` is the high-level map's C.
 
     With :math:`C_l` the low-level channels and the rest as in :func:`apnb_flops`:
@@ -399,7 +416,7 @@ def afnb_flops(batch: int, channels: int, height: int, width: int, *, low_channe
 
 
 def apnb_attention_memory(batch: int, channels: int, height: int, width: int, *, key_channels: int,
-                          pool_sizes: Sequence[int] = POOL_SIZES, fused: bool = False, bytes_per_element: int = 4) -> int:
+                          pool_sizes: Levels = POOL_SIZES, fused: bool = False, bytes_per_element: int = 4) -> int:
     """Bytes of the B×N×S attention matrix: :math:`BNS` elements, linear in N (the non-local block's is :math:`BN^2`).
 
     The fused path stores none — unless there are fewer samples S than key channels (110 keys
@@ -412,7 +429,7 @@ def apnb_attention_memory(batch: int, channels: int, height: int, width: int, *,
 
 
 def afnb_attention_memory(batch: int, channels: int, height: int, width: int, *, key_channels: int,
-                          pool_sizes: Sequence[int] = POOL_SIZES, fused: bool = False, bytes_per_element: int = 4) -> int:
+                          pool_sizes: Levels = POOL_SIZES, fused: bool = False, bytes_per_element: int = 4) -> int:
     """Bytes of AFNB's B×N×S attention matrix: the same :math:`BNS` elements as :func:`apnb_attention_memory`."""
     return apnb_attention_memory(batch, channels, height, width, key_channels=key_channels, pool_sizes=pool_sizes,
                                  fused=fused,

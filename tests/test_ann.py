@@ -295,3 +295,64 @@ def test_attention_memory_is_n_by_s():
     # fewer samples than key channels: the core's plain path, on either setting
     assert apnb_attention_memory(2, 16, 32, 64, key_channels=256, fused=True) == 2 * 32 * 64 * 110 * 4
     assert APNB(16, 16, 8, 8, pool_sizes=(1, 2), fused=False).attention_memory(1, 8, 8, 2) == 64 * 5 * 2
+
+
+# --- against mmseg 1.2.2 (not a dependency: skipped where it is not installed) -----------------
+
+
+def _mmseg_ann_head():
+    """mmseg's ann_head module, importable without mmcv's compiled ops (stubbed: ANN uses none)."""
+    import sys
+    import types
+
+    pytest.importorskip("mmseg")
+    if "mmcv.ops" not in sys.modules:
+        def any_op(name):  # any compiled op mmseg imports by name; ANN calls none of them
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return object
+
+        ops = types.ModuleType("mmcv.ops")
+        ops.__getattr__ = any_op
+        sys.modules["mmcv.ops"] = ops
+    try:
+        from mmseg.models.decode_heads import ann_head
+    except ImportError as err:
+        pytest.skip(f"mmseg's ANN head does not import here: {err}")
+    return ann_head
+
+
+def _bn_state(prefix, bn):
+    return {f"{prefix}.{k}": v for k, v in bn.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["apnb", "afnb"])
+def test_blocks_equal_mmseg_without_dropout(kind):
+    """mmseg's APNB/AFNB (query_scales=(1,)) and attnlib's with dropout=0 compute the same function."""
+    ann_head = _mmseg_ann_head()
+    torch.manual_seed(0)
+    cfg = dict(query_scales=(1,), key_pool_scales=(1, 3, 6, 8), conv_cfg=None, norm_cfg=dict(type="BN"),
+               act_cfg=dict(type="ReLU"))
+    if kind == "apnb":
+        theirs = ann_head.APNB(in_channels=8, channels=4, out_channels=8, **cfg)
+        ours = APNB(8, 8, 4, 4, dropout=0.0)
+    else:
+        theirs = ann_head.AFNB(low_in_channels=6, high_in_channels=8, channels=4, out_channels=8, **cfg)
+        ours = AFNB(6, 8, 8, 4, 4, dropout=0.0)
+    theirs = randomize_(theirs, std=0.3).double().eval()
+    stage = theirs.stages[0]
+    state = {"f_key.0.weight": stage.key_project.conv.weight, **_bn_state("f_key.1", stage.key_project.bn),
+             "f_value.weight": stage.value_project.weight, "f_value.bias": stage.value_project.bias,
+             "W.weight": stage.out_project.weight, "W.bias": stage.out_project.bias,
+             "fuse.0.weight": theirs.bottleneck.conv.weight, **_bn_state("fuse.1", theirs.bottleneck.bn)}
+    if kind == "afnb":
+        state.update({"f_query.0.weight": stage.query_project.conv.weight,
+                      **_bn_state("f_query.1", stage.query_project.bn)})
+    else:
+        assert stage.query_project is stage.key_project  # mmseg's APNB shares the projection too
+    ours.load_state_dict(state)
+    ours = ours.double().eval()
+    high = torch.randn(2, 8, 13, 17, dtype=torch.float64)
+    inputs = (high,) if kind == "apnb" else (torch.randn(2, 6, 13, 17, dtype=torch.float64), high)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(*inputs), theirs(*inputs), rtol=0, atol=1e-12)
