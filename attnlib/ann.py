@@ -213,11 +213,15 @@ class _PyramidNonLocal(nn.Module):
         return attend(query, key, value, scale=self.key_channels ** -0.5,
                       need_weights=need_weights, fused=self.fused)
 
-    def _forward(self, keys_from: torch.Tensor, queries_from: torch.Tensor) -> torch.Tensor:
-        """:math:`W_o`, then the official ``conv_bn_dropout(cat[context, queries_from])``."""
+    def _context(self, keys_from: torch.Tensor, queries_from: torch.Tensor) -> torch.Tensor:
+        """:math:`W_o O_P^\top`, B×out_channels×H×W: the attention branch, before the fusion."""
         b, _, h, w = queries_from.shape
         out, _ = self._attend(keys_from, queries_from, need_weights=False)
-        context = self.W(out.transpose(1, 2).reshape(b, self.value_channels, h, w))
+        return self.W(out.transpose(1, 2).reshape(b, self.value_channels, h, w))
+
+    def _forward(self, keys_from: torch.Tensor, queries_from: torch.Tensor) -> torch.Tensor:
+        """The official ``conv_bn_dropout(cat[context, queries_from])``."""
+        context = self._context(keys_from, queries_from)
         return self.fuse(torch.cat([context, queries_from], dim=1))
 
     def _map(self, keys_from: torch.Tensor, queries_from: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
@@ -266,6 +270,11 @@ class APNB(_PyramidNonLocal):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         return self._forward(x, x)
+
+    def context(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention branch :math:`W_o O_P^\top` alone (what the official efficiency script times)."""
+        self._check(x)
+        return self._context(x, x)
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """The N×S matrix softmax(φᵀθ_P/√Ĉ), B×N×S: every pixel against every pooled bin."""
@@ -341,6 +350,11 @@ class AFNB(_PyramidNonLocal):
     def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         self._check(low, high)
         return self._forward(low, high)
+
+    def context(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """The attention branch :math:`W_o O_P^\top` alone, before the fusion with ``high``."""
+        self._check(low, high)
+        return self._context(low, high)
 
     def attention_weights(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         """The N×S matrix softmax(φ(high)ᵀθ_P(low)/√Ĉ), B×N×S."""

@@ -145,6 +145,8 @@ def test_afnb_equals_loop_definition(fused):
     low, high = torch.randn(2, 4, 5, 7, dtype=torch.float64), torch.randn(2, 6, 5, 7, dtype=torch.float64)
     out, weights = block(low, high), block.attention_weights(low, high)
     assert out.shape == (2, 5, 5, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(out, block.fuse(torch.cat([block.context(low, high), high], dim=1)))
     for b in range(2):
         expected, expected_weights = loop_block(block, low[b], high[b])
         torch.testing.assert_close(out[b], expected)
@@ -181,6 +183,7 @@ def test_full_grid_apnb_is_nonlocal_with_shared_query_and_key(fused):
         context = block.W(dense.transpose(1, 2).reshape(2, -1, 5, 5))
         expected = block.fuse(torch.cat([context, x], dim=1))
         torch.testing.assert_close(block.attention_weights(x), dense_weights)
+        torch.testing.assert_close(block.context(x), context)
         torch.testing.assert_close(block(x), expected)
 
 
