@@ -46,7 +46,8 @@ the attention branch start silent.
 
 Where each piece lives below:
 
-* :math:`P` — :func:`pyramid_sample`; :math:`S` — :func:`num_samples`;
+* :math:`P` — :func:`pyramid_sample`; :math:`S` — :func:`num_samples`; the bins' weights
+  spread back to pixels — :func:`spread_to_pixels`;
 * :math:`\phi, \theta, \gamma`, the sampling, :math:`V_P` and :math:`O_P` — the one core
   :meth:`_PyramidNonLocal._attend`, whose softmax attention is :func:`attnlib.core.attend`;
 * :math:`W_o` and the fusion with the input — :meth:`_PyramidNonLocal._forward`;
@@ -75,7 +76,7 @@ from ._checks import check_feature_map, check_positive, check_query, reduced_cha
 from .core import attend, attention_matrix_bytes
 
 __all__ = [
-    "APNB", "AFNB", "pyramid_sample", "num_samples",
+    "APNB", "AFNB", "pyramid_sample", "num_samples", "spread_to_pixels",
     "apnb_flops", "apnb_attention_memory", "afnb_flops", "afnb_attention_memory",
 ]
 
@@ -142,7 +143,7 @@ def _bin_matrix(length: int, bins: int, like: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool1d(eye[:, None, :], bins)[:, 0, :].T
 
 
-def _spread_to_pixels(row: torch.Tensor, height: int, width: int,
+def spread_to_pixels(row: torch.Tensor, height: int, width: int,
                       pool_sizes: Levels) -> torch.Tensor:
     r"""Spread attention over the S pooled bins (B×S) back to the H×W pixels (B×H×W).
 
@@ -152,8 +153,12 @@ def _spread_to_pixels(row: torch.Tensor, height: int, width: int,
     the exact weight :math:`(a\mathcal{P})_p = \sum_{b \ni p} a_b/|b|`.  A 2-D bin is
     a product of a row bin and a column bin, so per level
     :math:`a\mathcal{P} = R^\top A\, C` (:func:`_bin_matrix` for :math:`R, C`), never
-    forming the S×HW matrix.
+    forming the S×HW matrix.  Rows of several queries may be stacked as the B rows.
     """
+    expected = num_samples(pool_sizes)
+    if row.dim() != 2 or row.shape[1] != expected:
+        raise ValueError(f"spread_to_pixels: expected weights of shape (B, {expected}) "
+                         f"for pool sizes {tuple(pool_sizes)!r}, got {tuple(row.shape)}")
     spread = row.new_zeros(row.shape[0], height, width)
     grids = _grids(pool_sizes)
     for (n_rows, n_cols), a in zip(grids, row.split([r * c for r, c in grids], dim=1)):
@@ -229,7 +234,7 @@ class _PyramidNonLocal(nn.Module):
         _, _, h, w = queries_from.shape
         i, j = check_query(query, h, w)
         row = self._attend(keys_from, queries_from, need_weights=True)[1][:, i * w + j]
-        return _spread_to_pixels(row, h, w, self.pool_sizes)
+        return spread_to_pixels(row, h, w, self.pool_sizes)
 
 
 class APNB(_PyramidNonLocal):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import attnlib
-from attnlib.ann import AFNB, APNB, afnb_flops, apnb_attention_memory, apnb_flops, num_samples, pyramid_sample
+from attnlib.ann import (AFNB, APNB, afnb_flops, apnb_attention_memory, apnb_flops, num_samples, pyramid_sample,
+                         spread_to_pixels)
 from attnlib.core import attend
 from conftest import measured_flops, randomize_
 
@@ -274,6 +275,17 @@ def test_attention_map_is_the_weight_of_each_pixels_value(kind):
         for i, j in [(0, 0), (4, 6), (6, 10)]:
             amap = attnlib.attention_map(block, inputs if kind == "afnb" else low, (i, j))
             torch.testing.assert_close(torch.einsum("bhw,bdhw->bd", amap, gamma), out[:, i * 11 + j])
+
+
+def test_spread_to_pixels_takes_many_queries_and_checks_its_shape():
+    block = make_apnb((1, 3, 6, 8))
+    x = torch.randn(1, 5, 7, 11, dtype=torch.float64)
+    weights = block.attention_weights(x)[0]  # N×S: every query's row at once
+    maps = spread_to_pixels(weights, 7, 11, (1, 3, 6, 8))
+    for i, j in [(0, 0), (3, 5)]:
+        torch.testing.assert_close(maps[i * 11 + j], attnlib.attention_map(block, x, (i, j))[0])
+    with pytest.raises(ValueError, match=re.escape("expected weights of shape (B, 110)") + ".*got \\(77, 14\\)"):
+        spread_to_pixels(weights[:, :14], 7, 11, (1, 3, 6, 8))
 
 
 # --- cost formulas ---------------------------------------------------------------------------
