@@ -182,26 +182,30 @@ class _PyramidNonLocal(nn.Module):
     Subclasses set ``self.fuse``, the layers applied to ``cat[W_o(O_P^T), queries_from]``.
     """
 
-    def __init__(self, keys_from_channels: int, queries_from_channels: int | None, key_channels: int, value_channels: int,
-                 out_channels: int, pool_sizes: Levels, fused: bool) -> None:
+    def __init__(self, keys_from_channels: int, queries_from_channels: int | None,
+                 key_channels: int, value_channels: int, out_channels: int,
+                 pool_sizes: Levels, fused: bool) -> None:
         super().__init__()
-        for value, name in ((key_channels, "key_channels"), (value_channels, "value_channels"),
+        for value, name in ((key_channels, "key_channels"),
+                            (value_channels, "value_channels"),
                             (out_channels, "out_channels")):
             check_positive(value, name)
-        self.key_channels, self.value_channels, self.out_channels = key_channels, value_channels, out_channels
+        self.key_channels, self.value_channels = key_channels, value_channels
+        self.out_channels = out_channels
         self.pool_sizes, self.fused = _check_pool_sizes(pool_sizes), fused
 
         self.f_key = _conv_bn_relu(keys_from_channels, key_channels)  # θ
         self.f_query = (None if queries_from_channels is None  # None: φ = θ
                         else _conv_bn_relu(queries_from_channels, key_channels))  # φ
         self.f_value = nn.Conv2d(keys_from_channels, value_channels, 1)  # γ
-        self.W = nn.Conv2d(value_channels, out_channels, 1)  # W_o, zero at init as in the official code
+        self.W = nn.Conv2d(value_channels, out_channels, 1)  # W_o, zero as officially
         nn.init.zeros_(self.W.weight)
         nn.init.zeros_(self.W.bias)
 
     def _attend(self, keys_from: torch.Tensor, queries_from: torch.Tensor,
                 need_weights: bool):
-        r""":math:`O_P = \operatorname{softmax}(\phi^\top\theta_P/\sqrt{\hat C})\,\gamma_P^\top`.
+        r"""The asymmetric attention
+        :math:`O_P = \operatorname{softmax}(\phi^\top\theta_P/\sqrt{\hat C})\,\gamma_P^\top`.
 
         Returns (B×N×value_channels, B×N×S weights or None).
         """
