@@ -204,8 +204,8 @@ class _PyramidNonLocal(nn.Module):
 
     def _attend(self, keys_from: torch.Tensor, queries_from: torch.Tensor,
                 need_weights: bool):
-        r"""The asymmetric attention
-        :math:`O_P = \operatorname{softmax}(\phi^\top\theta_P/\sqrt{\hat C})\,\gamma_P^\top`.
+        r"""The asymmetric attention :math:`O_P = \operatorname{softmax}(V_P/\sqrt{\hat C})
+        \,\gamma_P^\top` with :math:`V_P = \phi^\top\theta_P`.
 
         Returns (B×N×value_channels, B×N×S weights or None).
         """
