@@ -158,7 +158,8 @@ def spread_to_pixels(row: torch.Tensor, height: int, width: int,
     expected = num_samples(pool_sizes)
     if row.dim() != 2 or row.shape[1] != expected:
         raise ValueError(f"spread_to_pixels: expected weights of shape (B, {expected}) "
-                         f"for pool sizes {tuple(pool_sizes)!r}, got {tuple(row.shape)}")
+                         f"for pool sizes {tuple(pool_sizes)!r}, "
+                         f"got {tuple(row.shape)}")
     spread = row.new_zeros(row.shape[0], height, width)
     grids = _grids(pool_sizes)
     for (n_rows, n_cols), a in zip(grids, row.split([r * c for r, c in grids], dim=1)):
@@ -204,8 +205,8 @@ class _PyramidNonLocal(nn.Module):
 
     def _attend(self, keys_from: torch.Tensor, queries_from: torch.Tensor,
                 need_weights: bool):
-        r"""The asymmetric attention :math:`O_P = \operatorname{softmax}(V_P/\sqrt{\hat C})
-        \,\gamma_P^\top` with :math:`V_P = \phi^\top\theta_P`.
+        r"""The asymmetric attention, with :math:`V_P = \phi^\top\theta_P`,
+        :math:`O_P = \operatorname{softmax}(V_P/\sqrt{\hat C})\,\gamma_P^\top`.
 
         Returns (B×N×value_channels, B×N×S weights or None).
         """
@@ -222,13 +223,15 @@ class _PyramidNonLocal(nn.Module):
         return attend(query, key, value, scale=self.key_channels ** -0.5,
                       need_weights=need_weights, fused=self.fused)
 
-    def _context(self, keys_from: torch.Tensor, queries_from: torch.Tensor) -> torch.Tensor:
-        """:math:`W_o O_P^\top`, B×out_channels×H×W: the attention branch, before the fusion."""
+    def _context(self, keys_from: torch.Tensor,
+                 queries_from: torch.Tensor) -> torch.Tensor:
+        """:math:`W_o O_P^\top`, B×out_channels×H×W: the branch before the fusion."""
         b, _, h, w = queries_from.shape
         out, _ = self._attend(keys_from, queries_from, need_weights=False)
         return self.W(out.transpose(1, 2).reshape(b, self.value_channels, h, w))
 
-    def _forward(self, keys_from: torch.Tensor, queries_from: torch.Tensor) -> torch.Tensor:
+    def _forward(self, keys_from: torch.Tensor,
+                 queries_from: torch.Tensor) -> torch.Tensor:
         """The official ``conv_bn_dropout(cat[context, queries_from])``."""
         context = self._context(keys_from, queries_from)
         return self.fuse(torch.cat([context, queries_from], dim=1))
@@ -338,9 +341,11 @@ class AFNB(_PyramidNonLocal):
         check_positive(low_channels, "low_channels")
         check_positive(high_channels, "high_channels")
         out_channels = high_channels if out_channels is None else out_channels
-        key_channels = reduced_channels(high_channels, 8) if key_channels is None else key_channels
+        if key_channels is None:
+            key_channels = reduced_channels(high_channels, 8)
         value_channels = key_channels if value_channels is None else value_channels
-        super().__init__(low_channels, high_channels, key_channels, value_channels, out_channels, pool_sizes, fused)
+        super().__init__(low_channels, high_channels, key_channels, value_channels,
+                         out_channels, pool_sizes, fused)
         self.low_channels, self.high_channels = low_channels, high_channels
         self.fuse = nn.Sequential(  # official AFNB: conv, BN (no ReLU), dropout
             nn.Conv2d(out_channels + high_channels, out_channels, 1, bias=False),
