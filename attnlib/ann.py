@@ -46,7 +46,8 @@ the attention branch start silent.
 
 Where each piece lives below:
 
-* :math:`P` — :func:`pyramid_sample`; :math:`S` — :func:`num_samples`;
+* :math:`P` — :func:`pyramid_sample`; :math:`S` — :func:`num_samples`; the bins' weights
+  spread back to pixels — :func:`spread_to_pixels`;
 * :math:`\phi, \theta, \gamma`, the sampling, :math:`V_P` and :math:`O_P` — the one core
   :meth:`_PyramidNonLocal._attend`, whose softmax attention is :func:`attnlib.core.attend`;
 * :math:`W_o` and the fusion with the input — :meth:`_PyramidNonLocal._forward`;
@@ -71,46 +72,66 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_feature_map, check_positive, check_query
+from ._checks import check_feature_map, check_positive, check_query, reduced_channels
 from .core import attend, attention_matrix_bytes
 
 __all__ = [
-    "APNB", "AFNB", "pyramid_sample", "num_samples",
+    "APNB", "AFNB", "pyramid_sample", "num_samples", "spread_to_pixels",
     "apnb_flops", "apnb_attention_memory", "afnb_flops", "afnb_attention_memory",
 ]
 
 POOL_SIZES = (1, 3, 6, 8)  # the paper's pyramid: 110 samples
+Levels = Sequence[int | tuple[int, int]]  # n (an n×n grid of bins) or (rows, cols), per level
 
 
-def _check_pool_sizes(pool_sizes: object) -> tuple[int, ...]:
-    """Check that ``pool_sizes`` is a non-empty sequence of positive ints and return it as a tuple."""
+def _is_positive_int(n: object) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+
+def _check_pool_sizes(pool_sizes: object) -> tuple[int | tuple[int, int], ...]:
+    """Check that ``pool_sizes`` is a non-empty sequence of levels and return it as a tuple.
+
+    A level is a positive int ``n`` (an n×n grid of bins, as in the paper) or a pair of
+    positive ints ``(rows, cols)``: ``((H, W),)`` samples every pixel of an H×W map once.
+    """
     if (
         isinstance(pool_sizes, str)
         or not isinstance(pool_sizes, Sequence)
         or len(pool_sizes) == 0
-        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in pool_sizes)
+        or not all(_is_positive_int(n) or (isinstance(n, tuple) and len(n) == 2 and all(map(_is_positive_int, n)))
+                   for n in pool_sizes)
     ):
-        raise ValueError(f"expected pool_sizes to be a non-empty sequence of positive ints, got {pool_sizes!r}")
+        raise ValueError(f"expected pool_sizes to be a non-empty sequence of positive ints or (rows, cols) "
+                         f"pairs of positive ints, got {pool_sizes!r}")
     return tuple(pool_sizes)
 
 
-def num_samples(pool_sizes: Sequence[int] = POOL_SIZES) -> int:
+def _grids(pool_sizes: Levels) -> list[tuple[int, int]]:
+    """Each level of a checked pyramid as its (rows, cols) of bins."""
+    return [(n, n) if isinstance(n, int) else n for n in pool_sizes]
+
+
+def num_samples(pool_sizes: Levels = POOL_SIZES) -> int:
     r"""The number of sampled keys :math:`S = \sum_n n^2` (110 for the paper's ``(1, 3, 6, 8)``)."""
-    return sum(n * n for n in _check_pool_sizes(pool_sizes))
+    return sum(rows * cols for rows, cols in _grids(_check_pool_sizes(pool_sizes)))
 
 
-def pyramid_sample(x: torch.Tensor, pool_sizes: Sequence[int] = POOL_SIZES) -> torch.Tensor:
+def pyramid_sample(x: torch.Tensor, pool_sizes: Levels = POOL_SIZES) -> torch.Tensor:
     r"""The sampling module :math:`P` (Sec. 3.2): B×C×H×W → B×C×S.
 
-    Adaptive average pooling to n×n for each ``n`` in ``pool_sizes``, each result flattened
-    row-major and the pyramid concatenated, coarsest first:  :math:`S = \sum_n n^2`.
-    Adaptive pooling's bin :math:`k` of :math:`n` along a side of length :math:`L` covers
-    :math:`[\lfloor kL/n\rfloor, \lceil (k+1)L/n\rceil)`, so when :math:`n` does not divide
-    :math:`L` neighbouring bins overlap by one pixel, and when :math:`n > L` pixels repeat.
+    Adaptive average pooling to n×n for each ``n`` in ``pool_sizes`` (to rows×cols
+    for a pair), each result flattened row-major and the levels concatenated in the
+    given order (coarsest first in the paper's pyramid):  :math:`S = \sum_n n^2`.
+    Adaptive pooling's bin :math:`k` of :math:`n` along a side of length :math:`L`
+    covers :math:`[\lfloor kL/n\rfloor, \lceil (k+1)L/n\rceil)`, so when :math:`n`
+    does not divide :math:`L` neighbouring bins overlap by one pixel, and when
+    :math:`n > L` pixels repeat.
     """
-    pool_sizes = _check_pool_sizes(pool_sizes)
+    grids = _grids(_check_pool_sizes(pool_sizes))
     b, c, _, _ = check_feature_map(x, None, "pyramid_sample")
-    return torch.cat([F.adaptive_avg_pool2d(x, n).reshape(b, c, n * n) for n in pool_sizes], dim=2)
+    levels = [F.adaptive_avg_pool2d(x, (rows, cols)).reshape(b, c, rows * cols)
+              for rows, cols in grids]
+    return torch.cat(levels, dim=2)
 
 
 def _bin_matrix(length: int, bins: int, like: torch.Tensor) -> torch.Tensor:
@@ -122,20 +143,29 @@ def _bin_matrix(length: int, bins: int, like: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool1d(eye[:, None, :], bins)[:, 0, :].T
 
 
-def _spread_to_pixels(row: torch.Tensor, height: int, width: int, pool_sizes: tuple[int, ...]) -> torch.Tensor:
+def spread_to_pixels(row: torch.Tensor, height: int, width: int,
+                      pool_sizes: Levels) -> torch.Tensor:
     r"""Spread attention over the S pooled bins (B×S) back to the H×W pixels (B×H×W).
 
     Pooling is linear, :math:`\gamma_P = \gamma\,\mathcal{P}^\top` with
     :math:`\mathcal{P}_{b,p} = [p \in b]/|b|`, so query i's output
-    :math:`\sum_b a_b \gamma_{P,b} = \sum_p (a\mathcal{P})_p\, \gamma_p` gives pixel p the
-    exact weight :math:`(a\mathcal{P})_p = \sum_{b \ni p} a_b/|b|`.  A 2-D bin is a product of
-    a row bin and a column bin, so per pool size :math:`a\mathcal{P} = R^\top A\, C`
-    (:func:`_bin_matrix` for :math:`R, C`), never forming the S×HW matrix.
+    :math:`\sum_b a_b \gamma_{P,b} = \sum_p (a\mathcal{P})_p\, \gamma_p` gives pixel p
+    the exact weight :math:`(a\mathcal{P})_p = \sum_{b \ni p} a_b/|b|`.  A 2-D bin is
+    a product of a row bin and a column bin, so per level
+    :math:`a\mathcal{P} = R^\top A\, C` (:func:`_bin_matrix` for :math:`R, C`), never
+    forming the S×HW matrix.  Rows of several queries may be stacked as the B rows.
     """
+    expected = num_samples(pool_sizes)
+    if row.dim() != 2 or row.shape[1] != expected:
+        raise ValueError(f"spread_to_pixels: expected weights of shape (B, {expected}) "
+                         f"for pool sizes {tuple(pool_sizes)!r}, "
+                         f"got {tuple(row.shape)}")
     spread = row.new_zeros(row.shape[0], height, width)
-    for n, a in zip(pool_sizes, row.split([n * n for n in pool_sizes], dim=1)):
-        rows, cols = _bin_matrix(height, n, row), _bin_matrix(width, n, row)
-        spread = spread + torch.einsum("bkl,ky,lx->byx", a.reshape(-1, n, n), rows, cols)
+    grids = _grids(pool_sizes)
+    for (n_rows, n_cols), a in zip(grids, row.split([r * c for r, c in grids], dim=1)):
+        rows, cols = _bin_matrix(height, n_rows, row), _bin_matrix(width, n_cols, row)
+        a = a.reshape(-1, n_rows, n_cols)
+        spread = spread + torch.einsum("bkl,ky,lx->byx", a, rows, cols)
     return spread
 
 
@@ -153,39 +183,57 @@ class _PyramidNonLocal(nn.Module):
     Subclasses set ``self.fuse``, the layers applied to ``cat[W_o(O_P^T), queries_from]``.
     """
 
-    def __init__(self, keys_from_channels: int, queries_from_channels: int | None, key_channels: int, value_channels: int,
-                 out_channels: int, pool_sizes: Sequence[int], fused: bool) -> None:
+    def __init__(self, keys_from_channels: int, queries_from_channels: int | None,
+                 key_channels: int, value_channels: int, out_channels: int,
+                 pool_sizes: Levels, fused: bool) -> None:
         super().__init__()
-        for value, name in ((key_channels, "key_channels"), (value_channels, "value_channels"),
+        for value, name in ((key_channels, "key_channels"),
+                            (value_channels, "value_channels"),
                             (out_channels, "out_channels")):
             check_positive(value, name)
-        self.key_channels, self.value_channels, self.out_channels = key_channels, value_channels, out_channels
+        self.key_channels, self.value_channels = key_channels, value_channels
+        self.out_channels = out_channels
         self.pool_sizes, self.fused = _check_pool_sizes(pool_sizes), fused
 
         self.f_key = _conv_bn_relu(keys_from_channels, key_channels)  # θ
         self.f_query = (None if queries_from_channels is None  # None: φ = θ
                         else _conv_bn_relu(queries_from_channels, key_channels))  # φ
         self.f_value = nn.Conv2d(keys_from_channels, value_channels, 1)  # γ
-        self.W = nn.Conv2d(value_channels, out_channels, 1)  # W_o, zero at init as in the official code
+        self.W = nn.Conv2d(value_channels, out_channels, 1)  # W_o, zero as officially
         nn.init.zeros_(self.W.weight)
         nn.init.zeros_(self.W.bias)
 
-    def _attend(self, keys_from: torch.Tensor, queries_from: torch.Tensor, need_weights: bool):
-        r""":math:`O_P = \operatorname{softmax}(\phi^\top\theta_P/\sqrt{\hat C})\,\gamma_P^\top`: (B×N×value_channels, B×N×S or None)."""
+    def _attend(self, keys_from: torch.Tensor, queries_from: torch.Tensor,
+                need_weights: bool):
+        r"""The asymmetric attention, with :math:`V_P = \phi^\top\theta_P`,
+        :math:`O_P = \operatorname{softmax}(V_P/\sqrt{\hat C})\,\gamma_P^\top`.
+
+        Returns (B×N×value_channels, B×N×S weights or None).
+        """
         key = self.f_key(keys_from)
-        query = key if self.f_query is None else self.f_query(queries_from)  # APNB: one projection, computed once
-        # Sampled after the projections, as in the paper (θ_P = P(θ)) and the official code.  For
-        # the key it must be: ReLU does not commute with averaging.  (γ is affine, so P(γ(X)) = γ(P(X)).)
-        key = pyramid_sample(key, self.pool_sizes).transpose(1, 2)  # B×S×key_channels
-        value = pyramid_sample(self.f_value(keys_from), self.pool_sizes).transpose(1, 2)  # B×S×value_channels
-        return attend(query.flatten(2).transpose(1, 2), key, value, scale=self.key_channels ** -0.5,
+        # APNB: one projection for queries and keys, computed once
+        query = key if self.f_query is None else self.f_query(queries_from)
+        # Sampled after the projections, as in the paper (θ_P = P(θ)) and the official
+        # code.  For the key it must be: ReLU does not commute with averaging.
+        # (γ is affine, so P(γ(X)) = γ(P(X)).)
+        key = pyramid_sample(key, self.pool_sizes).transpose(1, 2)  # B×S×Ĉ
+        value = pyramid_sample(self.f_value(keys_from), self.pool_sizes)
+        value = value.transpose(1, 2)  # B×S×value_channels
+        query = query.flatten(2).transpose(1, 2)  # B×N×Ĉ: every position queries
+        return attend(query, key, value, scale=self.key_channels ** -0.5,
                       need_weights=need_weights, fused=self.fused)
 
-    def _forward(self, keys_from: torch.Tensor, queries_from: torch.Tensor) -> torch.Tensor:
-        """:math:`W_o`, then the official ``conv_bn_dropout(cat[context, queries_from])``."""
+    def _context(self, keys_from: torch.Tensor,
+                 queries_from: torch.Tensor) -> torch.Tensor:
+        """:math:`W_o O_P^\top`, B×out_channels×H×W: the branch before the fusion."""
         b, _, h, w = queries_from.shape
         out, _ = self._attend(keys_from, queries_from, need_weights=False)
-        context = self.W(out.transpose(1, 2).reshape(b, self.value_channels, h, w))
+        return self.W(out.transpose(1, 2).reshape(b, self.value_channels, h, w))
+
+    def _forward(self, keys_from: torch.Tensor,
+                 queries_from: torch.Tensor) -> torch.Tensor:
+        """The official ``conv_bn_dropout(cat[context, queries_from])``."""
+        context = self._context(keys_from, queries_from)
         return self.fuse(torch.cat([context, queries_from], dim=1))
 
     def _map(self, keys_from: torch.Tensor, queries_from: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
@@ -193,7 +241,7 @@ class _PyramidNonLocal(nn.Module):
         _, _, h, w = queries_from.shape
         i, j = check_query(query, h, w)
         row = self._attend(keys_from, queries_from, need_weights=True)[1][:, i * w + j]
-        return _spread_to_pixels(row, h, w, self.pool_sizes)
+        return spread_to_pixels(row, h, w, self.pool_sizes)
 
 
 class APNB(_PyramidNonLocal):
@@ -201,18 +249,27 @@ class APNB(_PyramidNonLocal):
 
     Args:
         in_channels: C of the input.
-        out_channels: C of the output (the official network uses ``in_channels``).
-        key_channels: :math:`\hat C` of the shared query/key projection.
-        value_channels: width of the value projection :math:`\gamma`.
-        pool_sizes: the pyramid; S = Σ n² keys (110 for the default).
-        dropout: ``Dropout2d`` rate after the fusion (official default 0.05).
+        out_channels: C of the output; default ``in_channels``, as the official network.
+        key_channels: :math:`\hat C` of the shared query/key projection; default
+            ``in_channels // 2`` (the official network's 256 on 512).
+        value_channels: width of the value projection :math:`\gamma`; default ``key_channels``.
+        pool_sizes: the pyramid; S = Σ n² keys (110 for the default).  A level may be a
+            ``(rows, cols)`` pair: ``((H, W),)`` samples every pixel of an H×W map.
+        dropout: ``Dropout2d`` rate after the fusion (official 0.05; mmseg has none).
         fused: compute the attention on the fast path when no weights are asked for.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, key_channels: int, value_channels: int,
-                 pool_sizes: Sequence[int] = POOL_SIZES, dropout: float = 0.05, fused: bool = True) -> None:
+    def __init__(self, in_channels: int, out_channels: int | None = None,
+                 key_channels: int | None = None, value_channels: int | None = None,
+                 pool_sizes: Levels = POOL_SIZES, dropout: float = 0.05,
+                 fused: bool = True) -> None:
         check_positive(in_channels, "in_channels")
-        super().__init__(in_channels, None, key_channels, value_channels, out_channels, pool_sizes, fused)
+        out_channels = in_channels if out_channels is None else out_channels
+        if key_channels is None:
+            key_channels = reduced_channels(in_channels, 2)
+        value_channels = key_channels if value_channels is None else value_channels
+        super().__init__(in_channels, None, key_channels, value_channels, out_channels,
+                         pool_sizes, fused)
         self.in_channels = in_channels
         self.fuse = nn.Sequential(  # official APNB: conv, BN, ReLU, dropout
             nn.Conv2d(out_channels + in_channels, out_channels, 1, bias=False),
@@ -225,6 +282,11 @@ class APNB(_PyramidNonLocal):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         return self._forward(x, x)
+
+    def context(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention branch :math:`W_o O_P^\top` alone (what the official efficiency script times)."""
+        self._check(x)
+        return self._context(x, x)
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """The N×S matrix softmax(φᵀθ_P/√Ĉ), B×N×S: every pixel against every pooled bin."""
@@ -263,20 +325,27 @@ class AFNB(_PyramidNonLocal):
     Args:
         low_channels: C of the low-level map (stage 3), which gives keys and values.
         high_channels: C of the high-level map (stage 4), which gives queries and is fused with the output.
-        out_channels: C of the output.
-        key_channels: :math:`\hat C` of the query and key projections.
-        value_channels: width of the value projection :math:`\gamma`.
-        pool_sizes: the pyramid; S = Σ n² keys (110 for the default).
-        dropout: ``Dropout2d`` rate after the fusion (official default 0.05).
+        out_channels: C of the output; default ``high_channels``, as the official network.
+        key_channels: :math:`\hat C` of the query and key projections; default
+            ``high_channels // 8`` (the official network's 256 on 2048).
+        value_channels: width of the value projection :math:`\gamma`; default ``key_channels``.
+        pool_sizes: the pyramid; S = Σ n² keys (110 for the default), levels as in :class:`APNB`.
+        dropout: ``Dropout2d`` rate after the fusion (official 0.05; mmseg has none).
         fused: compute the attention on the fast path when no weights are asked for.
     """
 
-    def __init__(self, low_channels: int, high_channels: int, out_channels: int, key_channels: int,
-                 value_channels: int, pool_sizes: Sequence[int] = POOL_SIZES, dropout: float = 0.05,
+    def __init__(self, low_channels: int, high_channels: int, out_channels: int | None = None,
+                 key_channels: int | None = None, value_channels: int | None = None,
+                 pool_sizes: Levels = POOL_SIZES, dropout: float = 0.05,
                  fused: bool = True) -> None:
         check_positive(low_channels, "low_channels")
         check_positive(high_channels, "high_channels")
-        super().__init__(low_channels, high_channels, key_channels, value_channels, out_channels, pool_sizes, fused)
+        out_channels = high_channels if out_channels is None else out_channels
+        if key_channels is None:
+            key_channels = reduced_channels(high_channels, 8)
+        value_channels = key_channels if value_channels is None else value_channels
+        super().__init__(low_channels, high_channels, key_channels, value_channels,
+                         out_channels, pool_sizes, fused)
         self.low_channels, self.high_channels = low_channels, high_channels
         self.fuse = nn.Sequential(  # official AFNB: conv, BN (no ReLU), dropout
             nn.Conv2d(out_channels + high_channels, out_channels, 1, bias=False),
@@ -295,6 +364,11 @@ class AFNB(_PyramidNonLocal):
     def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         self._check(low, high)
         return self._forward(low, high)
+
+    def context(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """The attention branch :math:`W_o O_P^\top` alone, before the fusion with ``high``."""
+        self._check(low, high)
+        return self._context(low, high)
 
     def attention_weights(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         """The N×S matrix softmax(φ(high)ᵀθ_P(low)/√Ĉ), B×N×S."""
@@ -333,7 +407,7 @@ def _attention_flops(batch: int, n: int, s: int, key_channels: int, value_channe
 
 
 def apnb_flops(batch: int, channels: int, height: int, width: int, *, out_channels: int, key_channels: int,
-               value_channels: int, pool_sizes: Sequence[int] = POOL_SIZES) -> dict[str, int]:
+               value_channels: int, pool_sizes: Levels = POOL_SIZES) -> dict[str, int]:
     r"""FLOPs of one :class:`APNB` forward pass, 2 per multiply-add, as ``FlopCounterMode`` counts them.
 
     With :math:`N = HW`, :math:`S = \sum n^2`, input :math:`C`, output :math:`C_o`, key
@@ -354,7 +428,7 @@ def apnb_flops(batch: int, channels: int, height: int, width: int, *, out_channe
 
 
 def afnb_flops(batch: int, channels: int, height: int, width: int, *, low_channels: int, out_channels: int,
-               key_channels: int, value_channels: int, pool_sizes: Sequence[int] = POOL_SIZES) -> dict[str, int]:
+               key_channels: int, value_channels: int, pool_sizes: Levels = POOL_SIZES) -> dict[str, int]:
     r"""FLOPs of one :class:`AFNB` forward pass; ``channels`` is the high-level map's C.
 
     With :math:`C_l` the low-level channels and the rest as in :func:`apnb_flops`:
@@ -370,7 +444,7 @@ def afnb_flops(batch: int, channels: int, height: int, width: int, *, low_channe
 
 
 def apnb_attention_memory(batch: int, channels: int, height: int, width: int, *, key_channels: int,
-                          value_channels: int | None = None, pool_sizes: Sequence[int] = POOL_SIZES,
+                          value_channels: int | None = None, pool_sizes: Levels = POOL_SIZES,
                           fused: bool = False, device: torch.device | str = "cpu", bytes_per_element: int = 4) -> int:
     """Bytes of the B×N×S attention matrix: :math:`BNS` elements, linear in N (the non-local block's is :math:`BN^2`).
 
@@ -385,7 +459,7 @@ def apnb_attention_memory(batch: int, channels: int, height: int, width: int, *,
 
 
 def afnb_attention_memory(batch: int, channels: int, height: int, width: int, *, key_channels: int,
-                          value_channels: int | None = None, pool_sizes: Sequence[int] = POOL_SIZES,
+                          value_channels: int | None = None, pool_sizes: Levels = POOL_SIZES,
                           fused: bool = False, device: torch.device | str = "cpu", bytes_per_element: int = 4) -> int:
     """Bytes of AFNB's B×N×S attention matrix: the same :math:`BNS` elements as :func:`apnb_attention_memory`."""
     return apnb_attention_memory(batch, channels, height, width, key_channels=key_channels,

@@ -169,6 +169,11 @@ class ANNHead(nn.Module):
     keys for pool sizes (1, 3, 6, 8)) and keeps layer4's 512 channels; dropout 0.1 and a
     3×3 conv bring it to C; APNB is the same pyramid attention within that map.
     The only head that reads layer3 (``uses_layer3``).
+
+    Dropout is mmseg's: the head's 0.1 after AFNB and the classifier's 0.1, and none inside
+    the blocks (mmseg's AFNB and APNB end in a ConvModule).  The authors' network instead
+    drops 0.05 at the end of each block and has no other dropout in its head; stacking both
+    would drop more than either.
     """
 
     uses_layer3 = True
@@ -176,10 +181,11 @@ class ANNHead(nn.Module):
     def __init__(self, low_channels: int = LAYER3_CHANNELS, high_channels: int = LAYER4_CHANNELS,
                  channels: int = CHANNELS, project_channels: int = 64, pool_sizes: tuple[int, ...] = (1, 3, 6, 8)) -> None:
         super().__init__()
-        self.fusion = AFNB(low_channels, high_channels, high_channels, project_channels, project_channels, pool_sizes)
+        self.fusion = AFNB(low_channels, high_channels, high_channels, project_channels, project_channels, pool_sizes,
+                           dropout=0.0)
         self.dropout = nn.Dropout2d(0.1)
         self.bottleneck = ConvBNReLU(high_channels, channels)
-        self.context = APNB(channels, channels, project_channels, project_channels, pool_sizes)
+        self.context = APNB(channels, channels, project_channels, project_channels, pool_sizes, dropout=0.0)
 
     def forward(self, c3: torch.Tensor, c4: torch.Tensor) -> torch.Tensor:
         return self.context(self.bottleneck(self.dropout(self.fusion(c3, c4))))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import attnlib
-from attnlib.ann import AFNB, APNB, afnb_flops, apnb_attention_memory, apnb_flops, num_samples, pyramid_sample
+from attnlib.ann import (AFNB, APNB, afnb_flops, apnb_attention_memory, apnb_flops, num_samples, pyramid_sample,
+                         spread_to_pixels)
 from attnlib.core import attend
 from conftest import measured_flops, randomize_
 
@@ -18,13 +19,18 @@ def bin_edges(length: int, n: int) -> list[tuple[int, int]]:
     return [(k * length // n, -((-(k + 1) * length) // n)) for k in range(n)]
 
 
+def levels(pool_sizes):
+    """Each level as (rows, cols): n means n×n."""
+    return [(n, n) if isinstance(n, int) else n for n in pool_sizes]
+
+
 def loop_pyramid(x: torch.Tensor, pool_sizes) -> torch.Tensor:
     """P(x) for one C×H×W map: the mean of every bin, coarsest pyramid level first, row-major."""
     _, h, w = x.shape
     samples = []
-    for n in pool_sizes:
-        for top, bottom in bin_edges(h, n):
-            for left, right in bin_edges(w, n):
+    for rows, cols in levels(pool_sizes):
+        for top, bottom in bin_edges(h, rows):
+            for left, right in bin_edges(w, cols):
                 samples.append(x[:, top:bottom, left:right].mean(dim=(1, 2)))
     return torch.stack(samples, dim=1)  # C×S
 
@@ -33,9 +39,9 @@ def loop_map(row: torch.Tensor, h: int, w: int, pool_sizes) -> torch.Tensor:
     """Pixel p's weight Σ_{bins b ∋ p} a_b / |b|, bin by bin."""
     amap = torch.zeros(h, w, dtype=row.dtype)
     s = 0
-    for n in pool_sizes:
-        for top, bottom in bin_edges(h, n):
-            for left, right in bin_edges(w, n):
+    for rows, cols in levels(pool_sizes):
+        for top, bottom in bin_edges(h, rows):
+            for left, right in bin_edges(w, cols):
                 amap[top:bottom, left:right] += row[s] / ((bottom - top) * (right - left))
                 s += 1
     return amap
@@ -92,10 +98,11 @@ def test_paper_pyramid_has_110_samples():
 
 
 @pytest.mark.parametrize("size", [(12, 12), (7, 11), (5, 3)], ids=["divisible", "overlapping", "smaller-than-8"])
-def test_pyramid_sample_is_the_mean_of_each_bin(size):
+@pytest.mark.parametrize("pool_sizes", [(1, 3, 6, 8), (1, (2, 3), (5, 4))], ids=["paper", "rectangular"])
+def test_pyramid_sample_is_the_mean_of_each_bin(size, pool_sizes):
     x = torch.randn(2, 3, *size, dtype=torch.float64)
-    pool_sizes = (1, 3, 6, 8)
     out = pyramid_sample(x, pool_sizes)
+    assert out.shape == (2, 3, num_samples(pool_sizes))
     for b in range(2):
         torch.testing.assert_close(out[b], loop_pyramid(x[b], pool_sizes))
 
@@ -105,7 +112,8 @@ def test_bin_edges_overlap_when_not_divisible():
     assert bin_edges(7, 3) == [(0, 3), (2, 5), (4, 7)]
 
 
-@pytest.mark.parametrize("bad", [0, -1, (), (3, 0), 2.5, (2.5,), (True,), "13", None])
+@pytest.mark.parametrize("bad", [0, -1, (), (3, 0), 2.5, (2.5,), (True,), "13", None, ((2, 0),), ((1, 2, 3),),
+                                 ([2, 3],), ((2, True),)])
 def test_bad_pool_sizes_raise(bad):
     pattern = "pool_sizes.*" + re.escape(repr(bad))
     for build in (lambda: pyramid_sample(torch.randn(1, 2, 4, 4), bad), lambda: num_samples(bad),
@@ -138,10 +146,23 @@ def test_afnb_equals_loop_definition(fused):
     low, high = torch.randn(2, 4, 5, 7, dtype=torch.float64), torch.randn(2, 6, 5, 7, dtype=torch.float64)
     out, weights = block(low, high), block.attention_weights(low, high)
     assert out.shape == (2, 5, 5, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(out, block.fuse(torch.cat([block.context(low, high), high], dim=1)))
     for b in range(2):
         expected, expected_weights = loop_block(block, low[b], high[b])
         torch.testing.assert_close(out[b], expected)
         torch.testing.assert_close(weights[b], expected_weights)
+
+
+def test_default_widths_follow_the_official_network():
+    """APNB(512) is the official context block (512 → 512, 256 key/value channels); AFNB(1024, 2048) its fusion."""
+    apnb, afnb = APNB(512), AFNB(1024, 2048)
+    assert (apnb.out_channels, apnb.key_channels, apnb.value_channels) == (512, 256, 256)
+    assert (afnb.out_channels, afnb.key_channels, afnb.value_channels) == (2048, 256, 256)
+    assert APNB(8, key_channels=3).value_channels == 3
+    assert APNB(512)(torch.randn(1, 512, 6, 7)).shape == (1, 512, 6, 7)
+    with pytest.raises(ValueError, match="in_channels // reduction >= 1.*1 // 2 = 0"):
+        APNB(1)
 
 
 def test_apnb_query_and_key_share_one_projection():
@@ -163,7 +184,25 @@ def test_full_grid_apnb_is_nonlocal_with_shared_query_and_key(fused):
         context = block.W(dense.transpose(1, 2).reshape(2, -1, 5, 5))
         expected = block.fuse(torch.cat([context, x], dim=1))
         torch.testing.assert_close(block.attention_weights(x), dense_weights)
+        torch.testing.assert_close(block.context(x), context)
         torch.testing.assert_close(block(x), expected)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_full_grid_of_a_rectangular_map_is_nonlocal(fused):
+    """One level of (H, W) bins on an H×W map: S = N and APNB's weights are the dense N×N softmax."""
+    block = make_apnb(pool_sizes=((4, 6),))
+    block.fused = fused
+    x = torch.randn(2, 5, 4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        q = block.f_key(x).flatten(2).transpose(1, 2)
+        v = block.f_value(x).flatten(2).transpose(1, 2)
+        dense, dense_weights = attend(q, q, v, scale=block.key_channels ** -0.5, need_weights=True)
+        expected = block.fuse(torch.cat([block.W(dense.transpose(1, 2).reshape(2, -1, 4, 6)), x], dim=1))
+        torch.testing.assert_close(block.attention_weights(x), dense_weights)
+        torch.testing.assert_close(block(x), expected)
+        amap = attnlib.attention_map(block, x, (1, 4))
+        torch.testing.assert_close(amap, dense_weights[:, 1 * 6 + 4].reshape(2, 4, 6))
 
 
 # --- AFNB's asymmetry: queries from high, keys and values from low ----------------------------
@@ -210,7 +249,8 @@ def test_afnb_rejects_mismatched_low_and_high():
 # --- the effective attention map -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pool_sizes", [(1, 2, 3), (1, 3, 6, 8)], ids=["overlapping", "paper"])
+@pytest.mark.parametrize("pool_sizes", [(1, 2, 3), (1, 3, 6, 8), (1, (2, 4), (3, 2))],
+                         ids=["overlapping", "paper", "rectangular"])
 def test_attention_map_equals_loop_over_bins(pool_sizes):
     block = make_apnb(pool_sizes)
     x = torch.randn(2, 5, 7, 11, dtype=torch.float64)
@@ -237,6 +277,17 @@ def test_attention_map_is_the_weight_of_each_pixels_value(kind):
             torch.testing.assert_close(torch.einsum("bhw,bdhw->bd", amap, gamma), out[:, i * 11 + j])
 
 
+def test_spread_to_pixels_takes_many_queries_and_checks_its_shape():
+    block = make_apnb((1, 3, 6, 8))
+    x = torch.randn(1, 5, 7, 11, dtype=torch.float64)
+    weights = block.attention_weights(x)[0]  # N×S: every query's row at once
+    maps = spread_to_pixels(weights, 7, 11, (1, 3, 6, 8))
+    for i, j in [(0, 0), (3, 5)]:
+        torch.testing.assert_close(maps[i * 11 + j], attnlib.attention_map(block, x, (i, j))[0])
+    with pytest.raises(ValueError, match=re.escape("expected weights of shape (B, 110)") + ".*got \\(77, 14\\)"):
+        spread_to_pixels(weights[:, :14], 7, 11, (1, 3, 6, 8))
+
+
 # --- cost formulas ---------------------------------------------------------------------------
 
 
@@ -259,3 +310,64 @@ def test_attention_memory_is_n_by_s():
     # fewer samples than key channels: the core's plain path, on either setting
     assert apnb_attention_memory(2, 16, 32, 64, key_channels=256, fused=True) == 2 * 32 * 64 * 110 * 4
     assert APNB(16, 16, 8, 8, pool_sizes=(1, 2), fused=False).attention_memory(1, 8, 8, 2) == 64 * 5 * 2
+
+
+# --- against mmseg 1.2.2 (not a dependency: skipped where it is not installed) -----------------
+
+
+def _mmseg_ann_head():
+    """mmseg's ann_head module, importable without mmcv's compiled ops (stubbed: ANN uses none)."""
+    import sys
+    import types
+
+    pytest.importorskip("mmseg")
+    if "mmcv.ops" not in sys.modules:
+        def any_op(name):  # any compiled op mmseg imports by name; ANN calls none of them
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return object
+
+        ops = types.ModuleType("mmcv.ops")
+        ops.__getattr__ = any_op
+        sys.modules["mmcv.ops"] = ops
+    try:
+        from mmseg.models.decode_heads import ann_head
+    except ImportError as err:
+        pytest.skip(f"mmseg's ANN head does not import here: {err}")
+    return ann_head
+
+
+def _bn_state(prefix, bn):
+    return {f"{prefix}.{k}": v for k, v in bn.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["apnb", "afnb"])
+def test_blocks_equal_mmseg_without_dropout(kind):
+    """mmseg's APNB/AFNB (query_scales=(1,)) and attnlib's with dropout=0 compute the same function."""
+    ann_head = _mmseg_ann_head()
+    torch.manual_seed(0)
+    cfg = dict(query_scales=(1,), key_pool_scales=(1, 3, 6, 8), conv_cfg=None, norm_cfg=dict(type="BN"),
+               act_cfg=dict(type="ReLU"))
+    if kind == "apnb":
+        theirs = ann_head.APNB(in_channels=8, channels=4, out_channels=8, **cfg)
+        ours = APNB(8, 8, 4, 4, dropout=0.0)
+    else:
+        theirs = ann_head.AFNB(low_in_channels=6, high_in_channels=8, channels=4, out_channels=8, **cfg)
+        ours = AFNB(6, 8, 8, 4, 4, dropout=0.0)
+    theirs = randomize_(theirs, std=0.3).double().eval()
+    stage = theirs.stages[0]
+    state = {"f_key.0.weight": stage.key_project.conv.weight, **_bn_state("f_key.1", stage.key_project.bn),
+             "f_value.weight": stage.value_project.weight, "f_value.bias": stage.value_project.bias,
+             "W.weight": stage.out_project.weight, "W.bias": stage.out_project.bias,
+             "fuse.0.weight": theirs.bottleneck.conv.weight, **_bn_state("fuse.1", theirs.bottleneck.bn)}
+    if kind == "afnb":
+        state.update({"f_query.0.weight": stage.query_project.conv.weight,
+                      **_bn_state("f_query.1", stage.query_project.bn)})
+    else:
+        assert stage.query_project is stage.key_project  # mmseg's APNB shares the projection too
+    ours.load_state_dict(state)
+    ours = ours.double().eval()
+    high = torch.randn(2, 8, 13, 17, dtype=torch.float64)
+    inputs = (high,) if kind == "apnb" else (torch.randn(2, 6, 13, 17, dtype=torch.float64), high)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(*inputs), theirs(*inputs), rtol=0, atol=1e-12)

@@ -43,6 +43,20 @@ def test_pretrained_without_network_says_so(monkeypatch):
         models.dilated_resnet18(pretrained=True)
 
 
+def test_ann_head_drops_out_as_mmseg():
+    """mmseg's ANNHead: Dropout2d(0.1) after AFNB and before the classifier, none inside AFNB and APNB."""
+    torch.manual_seed(0)
+    model = models.build("ann")
+    rates = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout2d) and m.p > 0}
+    assert rates == {"head.dropout": 0.1, "classifier.0": 0.1, "aux_head.1": 0.1}
+    head = model.head.train()
+    c3, c4 = torch.randn(2, 256, 9, 11), torch.randn(2, 512, 9, 11)
+    with torch.no_grad():  # training mode: BatchNorm uses batch statistics, and no block drops anything
+        assert torch.equal(head.fusion(c3, c4), head.fusion(c3, c4))
+        x = torch.randn(2, 128, 9, 11)
+        assert torch.equal(head.context(x), head.context(x))
+
+
 @pytest.mark.parametrize("head", models.HEADS)
 def test_every_head_segments_a_full_frame(head):
     torch.manual_seed(0)
