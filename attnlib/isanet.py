@@ -60,7 +60,8 @@ Where each piece lives below:
   :math:`\rho` — :class:`SelfAttentionBlock`;
 * :math:`Z = \operatorname{SA}_S(\operatorname{SA}_L(X))` and the crop —
   :meth:`InterlacedSparseAttention._forward`;
-* :math:`A^S A^L` — :meth:`InterlacedSparseAttention.attention_map`.
+* :math:`A^L`, :math:`A^S` and :math:`A^S A^L` — :meth:`InterlacedSparseAttention.attention_matrices`
+  and :meth:`InterlacedSparseAttention.attention_maps`.
 """
 from __future__ import annotations
 
@@ -261,25 +262,40 @@ class InterlacedSparseAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x, need_weights=False)[0]
 
-    def attention_map(self, x: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
-        r"""Row ``query`` of :math:`A^S A^L` over the H×W real positions (B×H×W).
+    def attention_matrices(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r""":math:`(A^L, A^S)`, each B×N_p×N_p over the padded map (row-major, zero between groups).
+
+        The two factors of the effective map :math:`A^S A^L`: row :math:`u` of
+        :math:`A^L` holds the long-range weights of position :math:`u`, row :math:`u` of
+        :math:`A^S` its short-range ones.  N_p = H_p W_p, the padded size.
+        """
+        _, layout, (long_weights, short_weights) = self._forward(x, need_weights=True)
+        return layout.dense(long_weights, "long"), layout.dense(short_weights, "short")
+
+    def attention_maps(self, x: torch.Tensor, queries) -> torch.Tensor:
+        r"""Rows ``queries`` of :math:`A^S A^L` over the H×W real positions (B×Q×H×W).
 
         :math:`A^L` and :math:`A^S` are the two attentions as dense matrices over the
-        padded map (zero between groups).  The composition follows the value path — what
-        the short-range step reads, through the long-range step — and ignores the
-        nonlinear projections between them.  With ``pad_mode="mask"`` it sums to 1
-        (padded keys are masked) and, on a size divisible by the down factor, is
-        positive everywhere.  With ``pad_mode="zeros"`` the padded positions take their share,
-        which the crop leaves out: the map sums to 1 minus that share.
+        padded map (:meth:`attention_matrices`).  The composition follows the value
+        path — what the short-range step reads, through the long-range step — and
+        ignores the nonlinear projections between them.  With ``pad_mode="mask"`` each
+        map sums to 1 (padded keys are masked) and, on a size divisible by the down
+        factor, is positive everywhere.  With ``pad_mode="zeros"`` the padded positions
+        take their share, which the crop leaves out: the map sums to 1 minus that share.
         """
         _, _, h, w = check_feature_map(x, self.in_channels, type(self).__name__)
-        i, j = check_query(query, h, w)
-        _, layout, (long_weights, short_weights) = self._forward(x, need_weights=True)
+        cells = [check_query(query, h, w) for query in queries]
+        layout = _Layout.of(h, w, self.down_factor)
         top, left = layout.offset
-        u = (i + top) * layout.padded[1] + (j + left)  # the query's index, padded map
-        short_row = layout.dense(short_weights, "short")[:, u:u + 1]  # B×1×N_p
-        row = short_row @ layout.dense(long_weights, "long")  # B×1×N_p
-        return layout.crop(row.reshape(-1, *layout.padded))
+        rows = [(i + top) * layout.padded[1] + (j + left) for i, j in cells]  # padded map
+        a_long, a_short = self.attention_matrices(x)
+        maps = a_short[:, rows] @ a_long  # B×Q×N_p
+        return layout.crop(maps.reshape(*maps.shape[:2], *layout.padded))
+
+    def attention_map(self, x: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
+        """Row ``query`` of :math:`A^S A^L` over the H×W real positions (B×H×W); see
+        :meth:`attention_maps`."""
+        return self.attention_maps(x, [query])[:, 0]
 
     def flops(self, batch: int, height: int, width: int) -> dict[str, int]:
         """Analytic FLOPs of :meth:`forward` at this size; see :func:`interlaced_sparse_flops`."""

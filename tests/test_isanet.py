@@ -285,3 +285,47 @@ def test_zeros_padding_attention_map_loses_the_padded_share():
 def test_bad_pad_mode_raises(bad):
     with pytest.raises(ValueError, match=r"pad_mode in \('mask', 'zeros'\), got"):
         InterlacedSparseAttention(C, KEY, VALUE, OUT, pad_mode=bad)
+
+
+def test_attention_maps_are_rows_of_the_product_of_the_two_matrices():
+    block = random_isa()
+    h, w = 5, 7
+    x = torch.randn(2, C, h, w, dtype=torch.float64)
+    a_long, a_short = block.attention_matrices(x)
+    (hp, wp), real, same_offset, same_block = groupings(h, w, block.down_factor)
+    assert a_long.shape == a_short.shape == (2, hp * wp, hp * wp)
+    assert (a_long[:, ~same_offset] == 0).all() and (a_short[:, ~same_block] == 0).all()  # block-sparse
+    queries = [(0, 0), (2, 3), (4, 6), (1, 5)]
+    maps = block.attention_maps(x, queries)
+    top, _, left, _ = padding(h, w, block.down_factor)
+    for q, (i, j) in enumerate(queries):
+        torch.testing.assert_close(maps[:, q], block.attention_map(x, (i, j)))
+        u = (i + top) * wp + (j + left)
+        torch.testing.assert_close(maps[:, q], (a_short[:, u:u + 1] @ a_long)[:, 0, real].reshape(2, h, w))
+
+
+def reachable(h, w, down_factor, pad_mode):
+    """u → v in two steps: through w, the position of u's block with v's offset; masked, w must be real."""
+    (hp, wp), real, same_offset, same_block = groupings(h, w, down_factor)
+    relay_ok = real if pad_mode == "mask" else torch.ones_like(real)
+    # (u, v) is reachable iff some w is in u's block, has v's offset, and may relay
+    reach = (same_block & relay_ok[None, :]).double() @ same_offset.double() > 0
+    return reach[real][:, real]
+
+
+@pytest.mark.parametrize("pad_mode", ["mask", "zeros"])
+def test_reach_of_every_query_follows_the_relay_rule(pad_mode):
+    """Masked padding loses the pairs whose only relay is a padded position; zero padding keeps them."""
+    block = random_isa()
+    block.pad_mode = pad_mode
+    h, w = 5, 7
+    x = torch.randn(1, C, h, w, dtype=torch.float64)
+    maps = block.attention_maps(x, [(i, j) for i in range(h) for j in range(w)])[0]
+    expected = reachable(h, w, block.down_factor, pad_mode)
+    assert torch.equal(maps.reshape(h * w, h * w) > 0, expected)
+    assert expected.all() == (pad_mode == "zeros")
+
+
+def test_attention_maps_refuse_a_query_outside_the_map():
+    with pytest.raises(ValueError, match="query"):
+        random_isa().attention_maps(torch.randn(1, C, 4, 6, dtype=torch.float64), [(0, 0), (4, 0)])
