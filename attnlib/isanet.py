@@ -263,11 +263,12 @@ class InterlacedSparseAttention(nn.Module):
         return self._forward(x, need_weights=False)[0]
 
     def attention_matrices(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r""":math:`(A^L, A^S)`, each B×N_p×N_p over the padded map (row-major, zero between groups).
+        r""":math:`(A^L, A^S)`, each B×N_p×N_p over the padded map, zero between groups.
 
-        The two factors of the effective map :math:`A^S A^L`: row :math:`u` of
-        :math:`A^L` holds the long-range weights of position :math:`u`, row :math:`u` of
-        :math:`A^S` its short-range ones.  N_p = H_p W_p, the padded size.
+        Positions in the row-major order of the padded map (N_p = H_p W_p).  The two
+        factors of the effective map :math:`A^S A^L`: row :math:`u` of :math:`A^L`
+        holds the long-range weights of position :math:`u`, row :math:`u` of
+        :math:`A^S` its short-range ones.
         """
         _, layout, (long_weights, short_weights) = self._forward(x, need_weights=True)
         return layout.dense(long_weights, "long"), layout.dense(short_weights, "short")
@@ -287,7 +288,7 @@ class InterlacedSparseAttention(nn.Module):
         cells = [check_query(query, h, w) for query in queries]
         layout = _Layout.of(h, w, self.down_factor)
         top, left = layout.offset
-        rows = [(i + top) * layout.padded[1] + (j + left) for i, j in cells]  # padded map
+        rows = [(i + top) * layout.padded[1] + (j + left) for i, j in cells]  # padded
         a_long, a_short = self.attention_matrices(x)
         maps = a_short[:, rows] @ a_long  # B×Q×N_p
         return layout.crop(maps.reshape(*maps.shape[:2], *layout.padded))
