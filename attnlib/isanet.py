@@ -40,12 +40,14 @@ thing with the value width tied to the input width and a bias in the value conv.
 The 1×1 convolutions and BatchNorm act per position (BN's statistics pool every position either
 way), so, as in the official code, each stage regroups its input once and runs them on the groups.
 
-**Padding — a deliberate deviation.**  The official code zero-pads the map to multiples of
-:math:`(d_h, d_w)` (``pad // 2`` before, the rest after) and lets the padded positions take part
-in both attentions, so the output at real positions depends on how much padding a size happens
-to need.  We pad the same way but mask the padded positions out *as keys*: at real positions the
-attention is a distribution over real positions only, and (in eval mode) the output does not
-depend on the padding.  In training, BatchNorm's batch statistics still include the padded
+**Padding — a deliberate deviation, switchable.**  The official code zero-pads the map to
+multiples of :math:`(d_h, d_w)` (``pad // 2`` before, the rest after) and lets the padded
+positions take part in both attentions, so the output at real positions depends on how much
+padding a size happens to need.  By default (``pad_mode="mask"``) we pad the same way but mask
+the padded positions out *as keys*: at real positions the attention is a distribution over real
+positions only, and (in eval mode) the output does not depend on the padding.
+``pad_mode="zeros"`` gives the official behaviour: no mask, the padded zeros (after θ, φ and
+their BatchNorms, no longer zero) are keys like any other position.  In training, BatchNorm's batch statistics still include the padded
 positions, as in the official code.  When :math:`H < d_h` (or :math:`W < d_w`) a long-range group
 can hold no real position at all; its rows attend to all of their group's keys instead of none
 (no NaN).  Those rows are padded positions: their outputs are cropped away, and, being masked as
@@ -58,7 +60,8 @@ Where each piece lives below:
   :math:`\rho` — :class:`SelfAttentionBlock`;
 * :math:`Z = \operatorname{SA}_S(\operatorname{SA}_L(X))` and the crop —
   :meth:`InterlacedSparseAttention._forward`;
-* :math:`A^S A^L` — :meth:`InterlacedSparseAttention.attention_map`.
+* :math:`A^L`, :math:`A^S` and :math:`A^S A^L` — :meth:`InterlacedSparseAttention.attention_matrices`
+  and :meth:`InterlacedSparseAttention.attention_maps`.
 """
 from __future__ import annotations
 
@@ -73,7 +76,9 @@ from ._checks import check_feature_map, check_positive, check_positive_pair, che
 from .core import attend, attention_matrix_bytes
 
 __all__ = ["InterlacedSparseAttention", "SelfAttentionBlock", "interlaced_sparse_flops",
-           "interlaced_sparse_attention_memory"]
+           "interlaced_sparse_attention_memory", "PAD_MODES"]
+
+PAD_MODES = ("mask", "zeros")  # padded keys masked (attnlib), or attended to (openseg, mmseg)
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -128,14 +133,16 @@ class _Layout:
         return x[..., top:top + self.height, left:left + self.width]
 
     def group(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """B×C×H_p×W_p → (B·groups)×C×(positions per group)×1: each group a little feature map.
+        """B×C×H_p×W_p → (B·groups)×C×(positions per group)×1: each group a small map.
 
-        ``kind`` is ``"long"`` or ``"short"``.  The 1×1 convolutions and BatchNorm then run on the
-        groups as they would on the map (one copy, as in the official code, instead of one per projection).
+        ``kind`` is ``"long"`` or ``"short"``.  The 1×1 convolutions and BatchNorm then
+        run on the groups as they would on the map (one copy, as in the official code,
+        instead of one per projection).
         """
         (gh, gw), (dh, dw) = self.grid, self.block
-        grouped = x.reshape(x.shape[0], x.shape[1], gh, dh, gw, dw).permute(_GROUP[kind])
-        return grouped.reshape(x.shape[0] * self.groups(kind), x.shape[1], -1, 1)
+        b, c = x.shape[:2]
+        grouped = x.reshape(b, c, gh, dh, gw, dw).permute(_GROUP[kind])
+        return grouped.reshape(b * self.groups(kind), c, -1, 1)
 
     def ungroup(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """The inverse of :meth:`group`: (B·groups)×C×positions×1 → B×C×H_p×W_p."""
@@ -149,10 +156,12 @@ class _Layout:
         positions = torch.arange(self.padded[0] * self.padded[1], device=device)
         return self.group(positions.reshape(1, 1, *self.padded), kind)[:, 0, :, 0]
 
-    def key_mask(self, kind: str, batch: int, device: torch.device) -> torch.Tensor | None:
-        """``attend``'s mask (True = may attend), (B·groups)×S×S, that hides padded keys; ``None`` if none is padded.
+    def key_mask(self, kind: str, batch: int,
+                 device: torch.device) -> torch.Tensor | None:
+        """``attend``'s mask (True = may attend), (B·groups)×S×S, hiding padded keys.
 
-        A group without any real key keeps all its keys (those queries are padding themselves).
+        ``None`` if nothing is padded.  A group without any real key keeps all its keys
+        (those queries are padding themselves).
         """
         if not self.needs_padding:
             return None
@@ -162,7 +171,8 @@ class _Layout:
         keys = self.group(real, kind)[:, 0, :, 0]  # groups×positions
         keys = keys | ~keys.any(dim=1, keepdim=True)
         groups, size = keys.shape
-        return keys[None, :, None, :].expand(batch, groups, size, size).reshape(batch * groups, size, size)
+        mask = keys[None, :, None, :].expand(batch, groups, size, size)
+        return mask.reshape(batch * groups, size, size)
 
     def dense(self, weights: torch.Tensor, kind: str) -> torch.Tensor:
         """Per-group weights B×groups×S×S (S positions per group) as the B×N_p×N_p matrix over the padded map."""
@@ -189,11 +199,17 @@ class SelfAttentionBlock(nn.Module):
         self.value = nn.Conv2d(in_channels, value_channels, 1, bias=False)
         self.out = nn.Sequential(*_conv_bn_relu(value_channels, out_channels))
 
-    def forward(self, x: torch.Tensor, layout: _Layout, kind: str, *, fused: bool, need_weights: bool):
-        """x: B×C×H_p×W_p (padded).  Returns ρ(context), B×out×H_p×W_p, and the weights B×groups×S×S or None."""
+    def forward(self, x: torch.Tensor, layout: _Layout, kind: str, *, fused: bool,
+                need_weights: bool, mask_padding: bool = True):
+        """x: B×C×H_p×W_p (padded).  Returns ρ(context), B×out×H_p×W_p, and the weights,
+        B×groups×S×S, or None.
+
+        ``mask_padding=False`` lets padded positions be keys, as the official code does.
+        """
         groups = layout.group(x, kind)  # (B·groups)×C×S×1
-        q, k, v = (f(groups).flatten(2).mT for f in (self.query, self.key, self.value))  # (B·groups)×S×width
-        mask = layout.key_mask(kind, x.shape[0], x.device)
+        # θ, φ, g on the groups, each as (B·groups)×S×width: S tokens per group
+        q, k, v = (f(groups).flatten(2).mT for f in (self.query, self.key, self.value))
+        mask = layout.key_mask(kind, x.shape[0], x.device) if mask_padding else None
         context, weights = attend(q, k, v, scale=self.key_channels ** -0.5, mask=mask,
                                   need_weights=need_weights, fused=fused)
         out = self.out(context.mT.unsqueeze(-1))  # ρ on (B·groups)×d_v×S×1
@@ -213,11 +229,17 @@ class InterlacedSparseAttention(nn.Module):
         down_factor: :math:`(d_h, d_w)`, or one int for both: the block size (paper: 8×8).  Each
             long-range group is the map subsampled by this factor, hence the name.
         fused: compute the attentions with ``scaled_dot_product_attention`` when no weights are asked for.
+        pad_mode: on a size not divisible by ``down_factor``, ``"mask"`` hides the padded positions
+            as keys (the default); ``"zeros"`` lets them take part, as openseg's ``ISA_Block`` and
+            mmseg's ``ISAHead`` do.  The two agree on divisible sizes.
     """
 
     def __init__(self, in_channels: int, key_channels: int, value_channels: int, out_channels: int,
-                 down_factor: int | tuple[int, int] = (8, 8), fused: bool = True) -> None:
+                 down_factor: int | tuple[int, int] = (8, 8), fused: bool = True, pad_mode: str = "mask") -> None:
         super().__init__()
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"InterlacedSparseAttention: expected pad_mode in {PAD_MODES}, got {pad_mode!r}")
+        self.pad_mode = pad_mode
         for value, name in ((in_channels, "in_channels"), (key_channels, "key_channels"),
                             (value_channels, "value_channels"), (out_channels, "out_channels")):
             check_positive(value, name)
@@ -231,29 +253,50 @@ class InterlacedSparseAttention(nn.Module):
     def _forward(self, x: torch.Tensor, need_weights: bool):
         _, _, h, w = check_feature_map(x, self.in_channels, type(self).__name__)
         layout = _Layout.of(h, w, self.down_factor)
-        y, long_weights = self.long_range(layout.pad(x), layout, "long", fused=self.fused, need_weights=need_weights)
-        z, short_weights = self.short_range(y, layout, "short", fused=self.fused, need_weights=need_weights)
+        options = {"fused": self.fused, "need_weights": need_weights,
+                   "mask_padding": self.pad_mode == "mask"}
+        y, long_weights = self.long_range(layout.pad(x), layout, "long", **options)
+        z, short_weights = self.short_range(y, layout, "short", **options)
         return layout.crop(z), layout, (long_weights, short_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x, need_weights=False)[0]
 
-    def attention_map(self, x: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
-        r"""Row ``query`` of :math:`A^S A^L` over the H×W real positions (B×H×W).
+    def attention_matrices(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r""":math:`(A^L, A^S)`, each B×N_p×N_p over the padded map, zero between groups.
 
-        :math:`A^L` and :math:`A^S` are the two attentions as dense matrices over the padded map
-        (zero between groups).  The composition follows the value path — what the short-range step
-        reads, through the long-range step — and ignores the nonlinear projections between them.
-        It sums to 1 (padded keys are masked) and, on a size divisible by the down factor, is
-        positive everywhere.
+        Positions in the row-major order of the padded map (N_p = H_p W_p).  The two
+        factors of the effective map :math:`A^S A^L`: row :math:`u` of :math:`A^L`
+        holds the long-range weights of position :math:`u`, row :math:`u` of
+        :math:`A^S` its short-range ones.
+        """
+        _, layout, (long_weights, short_weights) = self._forward(x, need_weights=True)
+        return layout.dense(long_weights, "long"), layout.dense(short_weights, "short")
+
+    def attention_maps(self, x: torch.Tensor, queries) -> torch.Tensor:
+        r"""Rows ``queries`` of :math:`A^S A^L` over the H×W real positions (B×Q×H×W).
+
+        :math:`A^L` and :math:`A^S` are the two attentions as dense matrices over the
+        padded map (:meth:`attention_matrices`).  The composition follows the value
+        path — what the short-range step reads, through the long-range step — and
+        ignores the nonlinear projections between them.  With ``pad_mode="mask"`` each
+        map sums to 1 (padded keys are masked) and, on a size divisible by the down
+        factor, is positive everywhere.  With ``pad_mode="zeros"`` the padded positions
+        take their share, which the crop leaves out: the map sums to 1 minus that share.
         """
         _, _, h, w = check_feature_map(x, self.in_channels, type(self).__name__)
-        i, j = check_query(query, h, w)
-        _, layout, (long_weights, short_weights) = self._forward(x, need_weights=True)
+        cells = [check_query(query, h, w) for query in queries]
+        layout = _Layout.of(h, w, self.down_factor)
         top, left = layout.offset
-        u = (i + top) * layout.padded[1] + (j + left)  # the query's index in the padded map
-        row = layout.dense(short_weights, "short")[:, u:u + 1] @ layout.dense(long_weights, "long")  # B×1×N_p
-        return layout.crop(row.reshape(-1, *layout.padded))
+        rows = [(i + top) * layout.padded[1] + (j + left) for i, j in cells]  # padded
+        a_long, a_short = self.attention_matrices(x)
+        maps = a_short[:, rows] @ a_long  # B×Q×N_p
+        return layout.crop(maps.reshape(*maps.shape[:2], *layout.padded))
+
+    def attention_map(self, x: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
+        """Row ``query`` of :math:`A^S A^L` over the H×W real positions (B×H×W); see
+        :meth:`attention_maps`."""
+        return self.attention_maps(x, [query])[:, 0]
 
     def flops(self, batch: int, height: int, width: int) -> dict[str, int]:
         """Analytic FLOPs of :meth:`forward` at this size; see :func:`interlaced_sparse_flops`."""
@@ -270,7 +313,8 @@ class InterlacedSparseAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, key_channels={self.key_channels}, value_channels={self.value_channels}, "
-                f"out_channels={self.out_channels}, down_factor={self.down_factor}, fused={self.fused}")
+                f"out_channels={self.out_channels}, down_factor={self.down_factor}, fused={self.fused}, "
+                f"pad_mode={self.pad_mode!r}")
 
 
 def _groups(height: int, width: int, down_factor) -> tuple[int, int]:

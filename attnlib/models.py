@@ -195,14 +195,17 @@ class ISAHead(nn.Module):
     """ISANet's head (mmseg ``ISAHead``): conv, interlaced sparse attention, concat, 1×1 conv.
 
     As in mmseg the concatenation is with the first conv's output (the attention's own
-    input), not with the backbone features, and the fusing conv is 1×1.
+    input), not with the backbone features, and the fusing conv is 1×1.  ``pad_mode="zeros"``
+    lets the padded positions take part in the attention as mmseg's does; the book trains
+    with the block's default, ``"mask"`` (45×60 is not divisible by 8×8, so the two differ).
     """
 
     def __init__(self, in_channels: int = LAYER4_CHANNELS, channels: int = CHANNELS, isa_channels: int = 64,
-                 down_factor: tuple[int, int] = (8, 8)) -> None:
+                 down_factor: tuple[int, int] = (8, 8), pad_mode: str = "mask") -> None:
         super().__init__()
         self.conv_in = ConvBNReLU(in_channels, channels)
-        self.isa = InterlacedSparseAttention(channels, isa_channels, channels, channels, down_factor=down_factor)
+        self.isa = InterlacedSparseAttention(channels, isa_channels, channels, channels, down_factor=down_factor,
+                                             pad_mode=pad_mode)
         self.conv_cat = ConvBNReLU(2 * channels, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

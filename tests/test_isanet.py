@@ -1,7 +1,9 @@
 """ISANet: interlaced sparse self-attention against its definition — two masked dense attentions,
-and the same written as loops — plus full reach, padding at every size, and down_factor checks."""
+and the same written as loops — and, with ``pad_mode="zeros"``, against a transcription of the
+official ``ISA_Block``; plus full reach, padding at every size, and argument checks."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -212,3 +214,137 @@ def test_memory_formula_follows_the_kernel_that_runs(monkeypatch):
     assert unequal.attention_memory(1, 4, 4) == (4 * 4 * 4 + 4 * 4 * 4) * 4 and equal.attention_memory(1, 4, 4) == 0
     assert interlaced_sparse_attention_memory(1, 8, 4, 4, key_channels=2, value_channels=6, down_factor=(2, 2),
                                               fused=True, device="cuda") == 0
+
+
+@torch.no_grad()
+def openseg_isa_block(block, x):
+    """openseg.pytorch ``ISA_Block.forward`` and ``SelfAttentionBlock2D.forward``, line by line
+    (lib/models/modules/isa_block.py), on the weights of ``block``: zero padding, no mask."""
+
+    def self_attention_block_2d(sa, x):
+        batch_size, h, w = x.size(0), x.size(2), x.size(3)
+        value = sa.value(x).view(batch_size, sa.value.out_channels, -1).permute(0, 2, 1)
+        query = sa.query(x).view(batch_size, sa.key_channels, -1).permute(0, 2, 1)
+        key = sa.key(x).view(batch_size, sa.key_channels, -1)
+        sim_map = torch.matmul(query, key)
+        sim_map = (sa.key_channels ** -.5) * sim_map
+        sim_map = F.softmax(sim_map, dim=-1)
+        context = torch.matmul(sim_map, value).permute(0, 2, 1).contiguous()
+        return sa.out(context.view(batch_size, sa.value.out_channels, h, w))
+
+    n, c, h, w = x.size()
+    dh, dw = block.down_factor
+    out_h, out_w = math.ceil(h / dh), math.ceil(w / dw)
+    pad_h, pad_w = out_h * dh - h, out_w * dw - w
+    if pad_h > 0 or pad_w > 0:
+        feats = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    else:
+        feats = x
+    feats = feats.view(n, c, out_h, dh, out_w, dw)
+    feats = feats.permute(0, 3, 5, 1, 2, 4).contiguous().view(-1, c, out_h, out_w)
+    feats = self_attention_block_2d(block.long_range, feats)
+    c = block.out_channels
+    feats = feats.view(n, dh, dw, c, out_h, out_w)
+    feats = feats.permute(0, 4, 5, 3, 1, 2).contiguous().view(-1, c, dh, dw)
+    feats = self_attention_block_2d(block.short_range, feats)
+    feats = feats.view(n, out_h, out_w, c, dh, dw).permute(0, 3, 1, 4, 2, 5)
+    feats = feats.contiguous().view(n, c, dh * out_h, dw * out_w)
+    if pad_h > 0 or pad_w > 0:
+        feats = feats[:, :, pad_h // 2:pad_h // 2 + h, pad_w // 2:pad_w // 2 + w]
+    return feats
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("h,w", SIZES)
+def test_zeros_padding_equals_official_isa_block(h, w, train, fused):
+    """In train mode too: BatchNorm sees the same padded positions in both (batch statistics)."""
+    block = random_isa()
+    block.pad_mode, block.fused = "zeros", fused
+    official = copy.deepcopy(block.train(train))
+    x = torch.randn(2, C, h, w, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), openseg_isa_block(official, x), rtol=0, atol=1e-12)
+    if train:  # and the running statistics moved the same way
+        for ours, theirs in zip(block.buffers(), official.buffers()):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
+def test_pad_modes_agree_exactly_when_divisible_and_differ_otherwise():
+    masked = random_isa()
+    zeros = copy.deepcopy(masked)
+    zeros.pad_mode = "zeros"
+    with torch.no_grad():
+        x = torch.randn(2, C, 4, 6, dtype=torch.float64)  # divisible by (2, 3)
+        assert torch.equal(masked(x), zeros(x))
+        x = torch.randn(2, C, 5, 7, dtype=torch.float64)
+        gap = (masked(x) - zeros(x)).abs().amax(dim=1)  # per position
+    assert (gap > 1e-6).all()  # padding reaches every position: through the long range, then the short
+
+
+def test_zeros_padding_attention_map_loses_the_padded_share():
+    block = random_isa()
+    block.pad_mode = "zeros"
+    h, w = 5, 7
+    x = torch.randn(1, C, h, w, dtype=torch.float64)
+    (hp, wp), _, same_offset, same_block = groupings(h, w, block.down_factor)
+    top, bottom, left, right = padding(h, w, block.down_factor)
+    everyone = torch.ones(hp * wp, dtype=torch.bool)  # no key is hidden
+    y, a_long = loop_attention(block.long_range, F.pad(x[0], (left, right, top, bottom)), same_offset, everyone)
+    _, a_short = loop_attention(block.short_range, y, same_block, everyone)
+    for i, j in [(0, 0), (2, 3), (4, 6)]:
+        u = (i + top) * wp + (j + left)
+        full = (a_short[u] @ a_long).reshape(hp, wp)
+        amap = attnlib.attention_map(block, x, (i, j))[0]
+        torch.testing.assert_close(amap, full[top:top + h, left:left + w])
+        assert 0 < amap.sum() < 1 and torch.isclose(full.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bad", ["reflect", "", None, "Mask"])
+def test_bad_pad_mode_raises(bad):
+    with pytest.raises(ValueError, match=r"pad_mode in \('mask', 'zeros'\), got"):
+        InterlacedSparseAttention(C, KEY, VALUE, OUT, pad_mode=bad)
+
+
+def test_attention_maps_are_rows_of_the_product_of_the_two_matrices():
+    block = random_isa()
+    h, w = 5, 7
+    x = torch.randn(2, C, h, w, dtype=torch.float64)
+    a_long, a_short = block.attention_matrices(x)
+    (hp, wp), real, same_offset, same_block = groupings(h, w, block.down_factor)
+    assert a_long.shape == a_short.shape == (2, hp * wp, hp * wp)
+    assert (a_long[:, ~same_offset] == 0).all() and (a_short[:, ~same_block] == 0).all()  # block-sparse
+    queries = [(0, 0), (2, 3), (4, 6), (1, 5)]
+    maps = block.attention_maps(x, queries)
+    top, _, left, _ = padding(h, w, block.down_factor)
+    for q, (i, j) in enumerate(queries):
+        torch.testing.assert_close(maps[:, q], block.attention_map(x, (i, j)))
+        u = (i + top) * wp + (j + left)
+        torch.testing.assert_close(maps[:, q], (a_short[:, u:u + 1] @ a_long)[:, 0, real].reshape(2, h, w))
+
+
+def reachable(h, w, down_factor, pad_mode):
+    """u → v in two steps: through w, the position of u's block with v's offset; masked, w must be real."""
+    (hp, wp), real, same_offset, same_block = groupings(h, w, down_factor)
+    relay_ok = real if pad_mode == "mask" else torch.ones_like(real)
+    # (u, v) is reachable iff some w is in u's block, has v's offset, and may relay
+    reach = (same_block & relay_ok[None, :]).double() @ same_offset.double() > 0
+    return reach[real][:, real]
+
+
+@pytest.mark.parametrize("pad_mode", ["mask", "zeros"])
+def test_reach_of_every_query_follows_the_relay_rule(pad_mode):
+    """Masked padding loses the pairs whose only relay is a padded position; zero padding keeps them."""
+    block = random_isa()
+    block.pad_mode = pad_mode
+    h, w = 5, 7
+    x = torch.randn(1, C, h, w, dtype=torch.float64)
+    maps = block.attention_maps(x, [(i, j) for i in range(h) for j in range(w)])[0]
+    expected = reachable(h, w, block.down_factor, pad_mode)
+    assert torch.equal(maps.reshape(h * w, h * w) > 0, expected)
+    assert expected.all() == (pad_mode == "zeros")
+
+
+def test_attention_maps_refuse_a_query_outside_the_map():
+    with pytest.raises(ValueError, match="query"):
+        random_isa().attention_maps(torch.randn(1, C, 4, 6, dtype=torch.float64), [(0, 0), (4, 0)])

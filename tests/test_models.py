@@ -1,14 +1,16 @@
 """The dilated backbone, every head's forward pass, input checks and the trained-model cache."""
 from __future__ import annotations
 
+import math
 import urllib.error
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from attnlib import models, train
-from conftest import requires_data
+from conftest import randomize_, requires_data
 
 
 
@@ -139,3 +141,52 @@ def test_danet_has_mmseg_per_branch_classifiers():
     assert fcn.branch_names == () and "branch_classifiers" not in fcn.arch  # other heads' checkpoints unchanged
     with torch.no_grad():
         assert fcn(x, return_branches=True)[1] == {}
+
+
+@torch.no_grad()
+def mmseg_isa_head(head, x):
+    """mmseg 1.2.2 ``ISAHead.forward`` up to ``cls_seg`` (decode_heads/isa_head.py), line by line, on the
+    weights of ``head``.  Its ``SelfAttentionBlock`` is openseg's ``SelfAttentionBlock2D`` (query and key
+    two conv-BN-ReLU, value one conv, ``matmul_norm``, an output conv-BN-ReLU)."""
+
+    def relation(sa, x):
+        n, _, h, w = x.shape
+        query = sa.query(x).reshape(n, sa.key_channels, -1).permute(0, 2, 1)
+        key = sa.key(x).reshape(n, sa.key_channels, -1)
+        value = sa.value(x).reshape(n, sa.value.out_channels, -1).permute(0, 2, 1)
+        sim_map = (torch.matmul(query, key) * sa.key_channels ** -.5).softmax(dim=-1)
+        context = torch.matmul(sim_map, value).permute(0, 2, 1).reshape(n, -1, h, w)
+        return sa.out(context)
+
+    x = head.conv_in(x)
+    residual = x
+    n, c, h, w = x.size()
+    loc_h, loc_w = head.isa.down_factor
+    glb_h, glb_w = math.ceil(h / loc_h), math.ceil(w / loc_w)
+    pad_h, pad_w = glb_h * loc_h - h, glb_w * loc_w - w
+    if pad_h > 0 or pad_w > 0:
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    x = x.view(n, c, glb_h, loc_h, glb_w, loc_w).permute(0, 3, 5, 1, 2, 4).reshape(-1, c, glb_h, glb_w)
+    x = relation(head.isa.long_range, x)
+    x = x.view(n, loc_h, loc_w, c, glb_h, glb_w).permute(0, 4, 5, 3, 1, 2).reshape(-1, c, loc_h, loc_w)
+    x = relation(head.isa.short_range, x)
+    x = x.view(n, glb_h, glb_w, c, loc_h, loc_w).permute(0, 3, 1, 4, 2, 5).reshape(n, c, glb_h * loc_h, glb_w * loc_w)
+    if pad_h > 0 or pad_w > 0:
+        x = x[:, :, pad_h // 2:pad_h // 2 + h, pad_w // 2:pad_w // 2 + w]
+    return head.conv_cat(torch.cat([x, residual], dim=1))
+
+
+@pytest.mark.parametrize("pad_mode", ["zeros", "mask"])
+def test_isa_head_with_zeros_padding_is_mmseg_isa_head(pad_mode):
+    """45×60 at 8×8 blocks needs padding: only pad_mode="zeros" is mmseg's head (its value conv's bias,
+    which mmseg has and openseg does not, is the one difference left; attnlib's is openseg's, bias-free)."""
+    head = randomize_(models.ISAHead(in_channels=16, channels=8, isa_channels=4, pad_mode=pad_mode), std=0.3)
+    head = head.double().eval()
+    x = torch.randn(2, 16, 45, 60, dtype=torch.float64)
+    with torch.no_grad():
+        gap = (head(x) - mmseg_isa_head(head, x)).abs().max().item()
+    assert (gap < 1e-12) == (pad_mode == "zeros"), gap
+
+
+def test_isa_head_defaults_to_masked_padding():
+    assert models.build("isanet").head.isa.pad_mode == "mask"
