@@ -147,8 +147,8 @@ class CrissCrossAttention(nn.Module):
         a_col, a_row = attention.split([h, w], dim=-1)
         # Eq. 2: Σ over the column (batched over columns) + Σ over the row (over rows),
         # values on the left so that the products come out channels-first, as the map.
-        y_col = v.permute(0, 3, 1, 2) @ a_col.permute(0, 2, 3, 1)  # B×W×C×H, [b, j, c, i]
-        y_row = v.permute(0, 2, 1, 3) @ a_row.transpose(-1, -2)  # B×H×C×W, [b, i, c, j]
+        y_col = v.permute(0, 3, 1, 2) @ a_col.permute(0, 2, 3, 1)  # B×W×C×H: [b,j,c,i]
+        y_row = v.permute(0, 2, 1, 3) @ a_row.transpose(-1, -2)  # B×H×C×W: [b,i,c,j]
         # One copy to contiguous B×C×H×W, so that the next layer's convolutions (RCCA's
         # next loop) neither run on nor pass on a permuted layout.
         y = y_row.permute(0, 2, 1, 3) + y_col.permute(0, 2, 3, 1)
