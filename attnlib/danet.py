@@ -129,10 +129,16 @@ class PositionAttention(nn.Module):
         return self._forward(x, need_weights=True)[1]
 
     def attention_map(self, x: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
-        """Row ``query`` = j of S on the H×W grid (B×H×W): s_ji over all positions i; sums to 1."""
+        """Row ``query`` = j of S on the H×W grid (B×H×W): s_ji over all positions i; sums to 1.
+
+        Only that row is computed, O(N d) instead of the N×N map of :meth:`attention_weights`.
+        """
         b, _, h, w = check_feature_map(x, self.in_channels, type(self).__name__)
         i, j = check_query(query, h, w)
-        return self.attention_weights(x)[:, i * w + j].reshape(b, h, w)
+        query_j = self.query_conv(x[:, :, i:i + 1, j:j + 1]).flatten(1)  # C_j, B×d
+        keys = self.key_conv(x).flatten(2)  # B_i for every i, B×d×N
+        energy = torch.matmul(query_j.unsqueeze(1), keys).squeeze(1)  # B_i · C_j, B×N
+        return energy.softmax(dim=-1).reshape(b, h, w)  # eq. 1, the softmax over i
 
     def flops(self, batch: int, height: int, width: int) -> dict[str, int]:
         """Analytic FLOPs of :meth:`forward` at this size; see :func:`position_attention_flops`."""

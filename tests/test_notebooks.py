@@ -65,6 +65,14 @@ def cells(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_cell_has_a_unique_id(path):
+    """nbformat 4.5 requires cell ids; without them nbval warns on every run (stderr stays clean)."""
+    ids = [cell.get("id") for cell in cells(path)]
+    assert None not in ids, f"{path.name}: cells {[i for i, v in enumerate(ids) if v is None]} have no id"
+    assert len(set(ids)) == len(ids), f"{path.name}: duplicate cell ids"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_chapter_stays_within_its_size_budget(path):
     assert path.stat().st_size <= MAX_CHAPTER_BYTES, (
         f"{path.name} is {path.stat().st_size:,} bytes: store photographs as JPEG (attnlib.book.show(fig, photo=True))")
