@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 
 from .train import PROFILES, check_profile
 
-__all__ = ["execute_notebook", "glue", "profile_label", "profile_note", "say", "show", "strip_timings"]
+__all__ = ["HTMLNote", "execute_notebook", "glue", "profile_label", "profile_note", "say", "show", "strip_timings"]
 
 TEST_FRAMES = 233  # CamVid's test split
 
