@@ -31,8 +31,11 @@ The test-suite holds the two equal (float32, ``atol=1e-5``).
 
 Three details of the plain path make it fast without changing what it computes:
 
-* the scale multiplies the :math:`N_q\times d_k` queries, not the :math:`N_q\times N_k` scores
-  (:math:`(sQ)K^\top = s\,QK^\top`), and is skipped when :math:`s = 1`;
+* the scale multiplies the smaller of the :math:`N_q\times d_k` queries and the
+  :math:`N_q\times N_k` scores (:math:`(sQ)K^\top = s\,QK^\top`): the queries when
+  :math:`N_k \ge d_k` (the usual case), the scores when there are fewer keys than query
+  channels (DANet's channel attention, whose official sign is the scale :math:`s = -1`);
+  it is skipped when :math:`s = 1`;
 * when the values are a feature map seen as tokens (a transposed view) and the matrix is no
   larger than the values (:math:`N_q \le d_v`: GCNet, ISA), :math:`AV` is computed as
   :math:`(V^\top A^\top)^\top`, so that neither it nor its gradient transposes the map;
@@ -161,9 +164,12 @@ def attend(
         out = F.scaled_dot_product_attention(query, key, value,
                                              attn_mask=mask, scale=scale)
         return out, None
-    if scale != 1.0:
+    scale_scores = scale != 1.0 and n_k < d_k  # S is the smaller one: scale it instead
+    if scale != 1.0 and not scale_scores:
         query = query * scale  # (sQ)K^T = s QK^T: N_q·d_k products instead of N_q·N_k
     scores = torch.matmul(query, key.transpose(-2, -1))  # S = s Q K^T
+    if scale_scores:
+        scores = scores * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)  # A = softmax(S), row-wise

@@ -190,10 +190,10 @@ class ChannelAttention(nn.Module):
     def _forward(self, x: torch.Tensor, need_weights: bool):
         b, c, h, w = check_feature_map(x, self.in_channels, type(self).__name__)
         a = x.flatten(2)  # B×C×N: channel i is the vector A_i
-        # The official sign: softmax_i(rowmax − A_j·A_i) = softmax_i(−A_j·A_i),
-        # i.e. queries −A and keys A; the paper's eq. 3 has queries A.
-        query = -a if self.sign == "official" else a
-        out, weights = attend(query, a, a, scale=1.0,
+        # The official sign: softmax_i(rowmax − A_j·A_i) = softmax_i(−A_j·A_i), the
+        # logit scale s = −1; the paper's eq. 3 has s = 1.
+        sign = -1.0 if self.sign == "official" else 1.0
+        out, weights = attend(a, a, a, scale=sign,
                               need_weights=need_weights, fused=self.fused)
         # E_j = β Σ_i x_ji A_i + A_j  (eq. 4): the rows of X weigh A, i.e. X A
         return self.beta * out.reshape(b, c, h, w) + x, weights

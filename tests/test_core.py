@@ -157,9 +157,14 @@ def test_plain_path_flushes_subnormal_weights_of_small_matrices():
     torch.testing.assert_close(out.double(), exact @ a.double(), rtol=1e-5, atol=1e-4)
 
 
-def test_plain_path_scales_the_queries_exactly():
-    q, k, v = operands(2, dtype=torch.float64)
-    out, weights = attend(q, k, v, scale=0.3, need_weights=True)
-    expected = (0.3 * q @ k.transpose(1, 2)).softmax(-1)
+@pytest.mark.parametrize("n_k, d_k", [(12, 4), (3, 16)], ids=["scales-queries", "scales-scores"])
+@pytest.mark.parametrize("scale", [0.3, -1.0])
+def test_plain_path_scales_exactly_whichever_operand_it_scales(n_k, d_k, scale):
+    """Fewer keys than query channels: the N_q×N_k scores are scaled, else the queries."""
+    q = torch.randn(2, 5, d_k, dtype=torch.float64)
+    k, v = torch.randn(2, n_k, d_k, dtype=torch.float64), torch.randn(2, n_k, 6, dtype=torch.float64)
+    out, weights = attend(q, k, v, scale=scale, need_weights=True)
+    expected = (scale * q @ k.transpose(1, 2)).softmax(-1)
     torch.testing.assert_close(weights, expected)
     torch.testing.assert_close(out, expected @ v)
+    torch.testing.assert_close(attend(q, k, v, scale=scale)[0], out)
