@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .models import HEADS, load_trained
 from .train import PROFILES, atomic_write, check_profile, profile
 
-__all__ = ["count_flops", "load_results", "main", "record_path", "run"]
+__all__ = ["count_flops", "load_results", "main", "parse_heads", "record_path", "run"]
 
 FLOP_INPUT = (1, 3, 360, 480)
 
@@ -116,7 +116,8 @@ def run(head: str, seed: int, profile_name: str, out: str | os.PathLike, *, root
     return record
 
 
-def _heads(arg: str) -> list[str]:
+def parse_heads(arg: str) -> list[str]:
+    """``--heads``: ``"all"`` or comma- or space-separated names from :data:`HEADS`."""
     names = list(HEADS) if arg == "all" else [h for h in arg.replace(",", " ").split() if h]
     unknown = [h for h in names if h not in HEADS]
     if unknown or not names:
@@ -126,7 +127,7 @@ def _heads(arg: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m attnlib.experiments", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--heads", type=_heads, default=list(HEADS), help="'all' or comma-separated names (default all)")
+    parser.add_argument("--heads", type=parse_heads, default=list(HEADS), help="'all' or comma-separated names (default all)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds first..N-1 (default 1)")
     parser.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0)")
     parser.add_argument("--profile", type=check_profile, default=None, help="quick or full (default: attnlib.train.profile())")

@@ -30,21 +30,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .experiments import load_results
+from .experiments import load_results, parse_heads
 from .models import HEADS
 from .train import check_profile
 
 __all__ = ["main", "train_heads"]
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _heads(arg: str) -> list[str]:
-    names = list(HEADS) if arg == "all" else [h for h in arg.replace(",", " ").split() if h]
-    unknown = [h for h in names if h not in HEADS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown head(s) {unknown}: expected 'all' or names from {HEADS}")
-    return names
 
 
 def train_heads(heads: Sequence[str], seed: int, profile: str, out: Path, jobs: int) -> list[int]:
@@ -73,7 +65,7 @@ def train_heads(heads: Sequence[str], seed: int, profile: str, out: Path, jobs: 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m attnlib.publish", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", type=check_profile, default="full")
-    parser.add_argument("--heads", type=_heads, default=list(HEADS), help="'all' or comma-separated names")
+    parser.add_argument("--heads", type=parse_heads, default=list(HEADS), help="'all' or comma-separated names")
     parser.add_argument("--jobs", type=int, default=1, help="heads trained at once on the one GPU (default 1)")
     parser.add_argument("--extra-seeds", type=int, default=0, help="seeds after seed 0, trained while time allows")
     parser.add_argument("--budget-minutes", type=float, default=None,

@@ -30,7 +30,7 @@ def close_new_figures():
 
 
 def context_block() -> Diagram:
-    """GCNet's global context block (library notation: W_v1 is C→rC)."""
+    """GCNet's global context block (the paper's notation: W_v1 is C→C/r)."""
     d = Diagram(title="Global context block")
     x = d.node("x", "$x$", shape="C×H×W", row=0, col=1, kind="tensor")
     w_k = d.node("w_k", "$W_k$: 1×1 conv", row=1, col=0)
@@ -46,8 +46,8 @@ def context_block() -> Diagram:
     d.edge(softmax, pool, label="N×1")
     d.edge(x, pool, label="C×N")
     d.edge(pool, w_v1, label="C×1×1")
-    d.edge(w_v1, norm, label="rC×1×1")
-    d.edge(norm, w_v2, label="rC×1×1")
+    d.edge(w_v1, norm, label="C/r×1×1")
+    d.edge(norm, w_v2, label="C/r×1×1")
     d.edge(w_v2, add, label="C×1×1")
     d.edge(x, add, via=[(0, 1.75), (7, 1.75)])
     d.edge(add, z)
@@ -86,7 +86,7 @@ CASES = {
     "nonlocal": (nonlocal_block, 10, 12, 7, {"2700×64", "64×2700", "2700×2700", "64×45×60", "128×45×60"}),
     "nonlocal_sub_sample": (lambda: nonlocal_block(sub_sample=True), 12, 14, 9,
                             {"2700×64", "64×660", "2700×660", "660×64"}),
-    "context_block": (lambda: context_block().draw(), 9, 10, 7, {"N×1", "C×N", "rC×1×1"}),
+    "context_block": (lambda: context_block().draw(), 9, 10, 7, {"N×1", "C×N", "C/r×1×1"}),
     "criss_cross": (lambda: criss_cross().draw(), 10, 12, 7, {"C′×H×W", "(H+W−1)×H×W"}),
 }
 
