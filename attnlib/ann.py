@@ -213,12 +213,12 @@ class _PyramidNonLocal(nn.Module):
         key = self.f_key(keys_from)
         # APNB: one projection for queries and keys, computed once
         query = key if self.f_query is None else self.f_query(queries_from)
-        # Sampled after the projections, as in the paper (θ_P = P(θ)) and the official
-        # code.  For the key it must be: ReLU does not commute with averaging.
-        # (γ is affine, so P(γ(X)) = γ(P(X)).)
+        # The key is sampled after its projection, θ_P = P(θ), as in the paper: ReLU
+        # does not commute with averaging.  γ is affine, so P(γ(X)) = γ(P(X)): it runs
+        # on the S bins instead of the N pixels (the official code projects first).
         key = pyramid_sample(key, self.pool_sizes).transpose(1, 2)  # B×S×Ĉ
-        value = pyramid_sample(self.f_value(keys_from), self.pool_sizes)
-        value = value.transpose(1, 2)  # B×S×value_channels
+        value = self.f_value(pyramid_sample(keys_from, self.pool_sizes)[..., None])
+        value = value.flatten(2).transpose(1, 2)  # B×S×value_channels
         query = query.flatten(2).transpose(1, 2)  # B×N×Ĉ: every position queries
         return attend(query, key, value, scale=self.key_channels ** -0.5,
                       need_weights=need_weights, fused=self.fused)
@@ -411,19 +411,21 @@ def apnb_flops(batch: int, channels: int, height: int, width: int, *, out_channe
     r"""FLOPs of one :class:`APNB` forward pass, 2 per multiply-add, as ``FlopCounterMode`` counts them.
 
     With :math:`N = HW`, :math:`S = \sum n^2`, input :math:`C`, output :math:`C_o`, key
-    :math:`\hat C` and value :math:`d_v` widths, all 1×1 convolutions run on the N pixels
-    (the sampling comes after them):
+    :math:`\hat C` and value :math:`d_v` widths:
 
-    * conv: :math:`2BN\,(C\hat C + C d_v + d_v C_o + (C_o + C)\,C_o)` — the shared φ = θ
-      projection once, γ, :math:`W_o`, and the fusion conv;
+    * conv: :math:`2BN\,(C\hat C + d_v C_o + (C_o + C)\,C_o) + 2BS\,C d_v` — the shared
+      φ = θ projection once, :math:`W_o` and the fusion conv on the N pixels, and γ on the
+      S pooled bins (γ is affine, so it commutes with the pooling; the official code runs
+      it on the N pixels, :math:`2BNCd_v`);
     * matmul: :math:`2BNS\,(\hat C + d_v)` — linear in N, against :math:`2BN^2(\hat C + d_v)`
       for the non-local block.
 
     The pooling, BatchNorm, ReLU and softmax are not counted.
     """
     n, s = height * width, num_samples(pool_sizes)
-    conv = 2 * batch * n * (channels * key_channels + channels * value_channels + value_channels * out_channels
-                            + (out_channels + channels) * out_channels)
+    conv = (2 * batch * n * (channels * key_channels + value_channels * out_channels
+                             + (out_channels + channels) * out_channels)
+            + 2 * batch * s * channels * value_channels)
     return {"conv": conv, "matmul": _attention_flops(batch, n, s, key_channels, value_channels)}
 
 
@@ -433,13 +435,15 @@ def afnb_flops(batch: int, channels: int, height: int, width: int, *, low_channe
 
     With :math:`C_l` the low-level channels and the rest as in :func:`apnb_flops`:
 
-    * conv: :math:`2BN\,(C_l\hat C + C\hat C + C_l d_v + d_v C_o + (C_o + C)\,C_o)` — θ and γ
-      on the low map, φ on the high map, :math:`W_o`, and the fusion conv;
+    * conv: :math:`2BN\,(C_l\hat C + C\hat C + d_v C_o + (C_o + C)\,C_o) + 2BS\,C_l d_v` —
+      θ on the low map, φ on the high map, :math:`W_o` and the fusion conv, and γ on the S
+      pooled bins of the low map;
     * matmul: :math:`2BNS\,(\hat C + d_v)`.
     """
     n, s = height * width, num_samples(pool_sizes)
-    conv = 2 * batch * n * (low_channels * key_channels + channels * key_channels + low_channels * value_channels
-                            + value_channels * out_channels + (out_channels + channels) * out_channels)
+    conv = (2 * batch * n * (low_channels * key_channels + channels * key_channels
+                             + value_channels * out_channels + (out_channels + channels) * out_channels)
+            + 2 * batch * s * low_channels * value_channels)
     return {"conv": conv, "matmul": _attention_flops(batch, n, s, key_channels, value_channels)}
 
 

@@ -206,7 +206,7 @@ def measure(name: str, size, device: torch.device, dtype: torch.dtype, min_run_t
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'block':<14}{'size':<14}{'path':<10}{'dtype':<9}{'fwd ms':>10}{'fwd+bwd ms':>12}{'vs fused':>13}"
+    head = (f"{'block':<14}{'size':<14}{'path':<10}{'dtype':<9}{'fwd ms':>10}{'fwd+bwd ms':>12}{'vs fused':>15}"
             f"{'GFLOPs':>9}{'attn MB':>10}{'peak MB':>9}")
     lines, fused = [head, "-" * len(head)], {}
     for r in rows:
@@ -218,7 +218,7 @@ def format_table(rows: list[Row]) -> str:
         ratio = f"{r.ms / f.ms:.2f}x/{r.train_ms / f.train_ms:.2f}x" if f is not None and r is not f else ""
         peak = "n/a" if r.peak_mb is None else f"{r.peak_mb:.1f}"
         memory = "-" if r.attention_mb is None else f"{r.attention_mb:.1f}"
-        lines.append(f"{r.block:<14}{r.size:<14}{r.path:<10}{r.dtype:<9}{r.ms:>10.2f}{r.train_ms:>12.2f}{ratio:>13}"
+        lines.append(f"{r.block:<14}{r.size:<14}{r.path:<10}{r.dtype:<9}{r.ms:>10.2f}{r.train_ms:>12.2f}{ratio:>15}"
                      f"{r.gflops:>9.2f}{memory:>10}{peak:>9}")
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ Two paths compute it:
   which on recent PyTorch never stores :math:`A` (flash / memory-efficient kernels).
 
 ``attend`` takes the fused path unless the weights are asked for or ``fused=False`` — or the
-attention matrix is no larger than the queries (a single query, or fewer keys than query
+attention matrix is no larger than the queries (a single query, or no more keys than query
 channels): then there is nothing to save, and two plain products are as fast — or no
 memory-saving kernel exists for these operands on this device (see :func:`takes_fused_path`):
 then SDPA would store the matrix anyway, more slowly than the plain path.
@@ -49,6 +49,12 @@ Three details of the plain path make it fast without changing what it computes:
   paths) it would cost more than half as much as the softmax, so they do without, like every other
   implementation.  The flush is local to ``attend``: the process-wide switch
   (``torch.set_flush_denormal``) stays as the user set it.
+
+One more, on the fast setting only (``fused=True``): when the keys *are* the queries (DANet's
+channel attention, :math:`E = AA^\top`), the scores :math:`S = s\,QQ^\top` form a symmetric
+matrix, and :class:`_Gram` computes them through that symmetry: three quarters of the products
+forward, and one product instead of two backward.  ``fused=False`` keeps the literal
+:math:`QK^\top`, and the tests hold the two equal.
 """
 from __future__ import annotations
 
@@ -63,30 +69,57 @@ __all__ = ["attend", "attention_matrix_bytes", "set_fused", "takes_fused_path"]
 
 def _check_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> None:
     """Refuse operands that would only work by broadcasting: the blocks never rely on it."""
-    if not (query.dim() == key.dim() == value.dim() and query.dim() >= 2):
+    q, k, v = query.shape, key.shape, value.shape
+    if not (len(q) == len(k) == len(v) >= 2):
         raise ValueError(
             "attend: expected query, key and value with the same number of dimensions (>= 2), got shapes "
-            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+            f"{tuple(q)}, {tuple(k)}, {tuple(v)}"
         )
-    if query.shape[:-2] != key.shape[:-2] or key.shape[:-2] != value.shape[:-2]:
+    if q[:-2] != k[:-2] or k[:-2] != v[:-2]:
         raise ValueError(
-            "attend: expected equal leading (batch) dimensions, got "
-            f"{tuple(query.shape[:-2])}, {tuple(key.shape[:-2])}, {tuple(value.shape[:-2])}"
+            f"attend: expected equal leading (batch) dimensions, got {tuple(q[:-2])}, {tuple(k[:-2])}, {tuple(v[:-2])}"
         )
-    if query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"attend: expected query and key of equal width d_k, got {query.shape[-1]} and {key.shape[-1]}")
-    if key.shape[-2] != value.shape[-2]:
-        raise ValueError(f"attend: expected as many keys as values, got {key.shape[-2]} keys and {value.shape[-2]} values")
+    if q[-1] != k[-1]:
+        raise ValueError(f"attend: expected query and key of equal width d_k, got {q[-1]} and {k[-1]}")
+    if k[-2] != v[-2]:
+        raise ValueError(f"attend: expected as many keys as values, got {k[-2]} keys and {v[-2]} values")
     if mask is not None:
-        n_q, n_k = query.shape[-2], key.shape[-2]
+        n_q, n_k = q[-2], k[-2]
         if mask.dtype != torch.bool:
             raise ValueError(f"attend: expected a boolean mask (True = may attend), got dtype {mask.dtype}")
-        if mask.shape not in ((n_q, n_k), query.shape[:-1] + (n_k,)):
+        shapes = ((n_q, n_k), (1, n_k), q[:-1] + (n_k,), q[:-2] + (1, n_k))
+        if mask.shape not in shapes:
             raise ValueError(
-                f"attend: expected a mask of shape {(n_q, n_k)} or {tuple(query.shape[:-1]) + (n_k,)}, got {tuple(mask.shape)}"
+                f"attend: expected a mask of shape {' or '.join(str(tuple(s)) for s in shapes)}, got {tuple(mask.shape)}"
             )
         if not mask.any(dim=-1).all():  # such a row is NaN on one path and 0 on the other
             raise ValueError("attend: expected every query to keep at least one key, got a mask row that is all False")
+
+
+class _Gram(torch.autograd.Function):
+    r"""The symmetric scores :math:`G = XX^\top` of one set of tokens, through their symmetry.
+
+    Forward: the top block row :math:`[X_1X_1^\top, X_1X_2^\top]` and :math:`X_2X_2^\top`,
+    the lower-left block being the transpose of :math:`X_1X_2^\top`: three quarters of the
+    products.  Backward: :math:`\bar X = (\bar G + \bar G^\top)X`,
+    one product where autograd, seeing :math:`X` and :math:`X^\top` as two operands, takes two.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        half = x.shape[-2] // 2
+        if half == 0:
+            return torch.matmul(x, x.mT)
+        top = torch.matmul(x[..., :half, :], x.mT)  # rows 1..h: X_1 X^T
+        corner = torch.matmul(x[..., half:, :], x[..., half:, :].mT)  # X_2 X_2^T
+        return torch.cat([top, torch.cat([top[..., half:].mT, corner], dim=-1)], dim=-2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        # under autocast the grad comes in the product's dtype; autograd casts the result back to x's
+        return torch.matmul(grad + grad.mT, x.to(grad.dtype))
 
 
 def takes_fused_path(n_q: int, n_k: int, d_k: int, *, d_v: int | None = None,
@@ -96,9 +129,10 @@ def takes_fused_path(n_q: int, n_k: int, d_k: int, *, d_v: int | None = None,
     The fused kernels pay by never storing the :math:`N_q\times N_k` matrix.  So the fused path
     is taken only when that saves something and a kernel that saves it exists:
 
-    * with a single query (GCNet's global context), or fewer keys than query channels (DANet's
-      channel attention, ANN's 110 pooled keys), that matrix is no larger than the queries
-      themselves: nothing is saved, and on a CPU two plain products are as fast or faster;
+    * with a single query (GCNet's global context), or no more keys than query channels (DANet's
+      channel attention, ANN's 110 pooled keys, ISA's groups of 64 at 64 channels), that matrix
+      is no larger than the queries themselves: nothing is saved, and on a CPU two plain products
+      are as fast or faster;
     * on a CPU (torch 2.14) the memory-saving (flash) kernel needs value width ``d_v`` equal to
       ``d_k``; otherwise (DANet's position attention, 64 vs 512) SDPA falls back to its math
       kernel, which stores the matrix and is slower than the plain path.  On CUDA the
@@ -106,9 +140,9 @@ def takes_fused_path(n_q: int, n_k: int, d_k: int, *, d_v: int | None = None,
 
     ``d_v=None`` means ``d_v == d_k``.  Whatever ``fused`` says, the other cases take the plain path.
     """
-    d_v = d_k if d_v is None else d_v
-    kernel_exists = torch.device(device).type == "cuda" or d_v == d_k
-    return fused and not need_weights and n_q > 1 and n_k >= d_k and kernel_exists
+    if not fused or need_weights or n_q == 1 or n_k <= d_k:
+        return False
+    return d_v is None or d_v == d_k or torch.device(device).type == "cuda"  # a kernel that saves it
 
 
 def attention_matrix_bytes(count: int, n_q: int, n_k: int, d_k: int, *, d_v: int | None = None,
@@ -140,12 +174,14 @@ def attend(
         value: ``(..., N_k, d_v)``.
         scale: the factor :math:`s` on the logits.  ``None`` means the transformer's
             :math:`1/\sqrt{d_k}`; the non-local family uses ``1.0`` (no scaling).
-        mask: optional boolean ``(N_q, N_k)`` or ``(..., N_q, N_k)``; ``True`` where a
-            query may attend to a key (:math:`M` is 0 there, :math:`-\infty` elsewhere).
-            Every query must keep at least one key.
+        mask: optional boolean ``(N_q, N_k)`` or ``(..., N_q, N_k)``, or a key mask
+            ``(1, N_k)`` or ``(..., 1, N_k)`` that holds for every query; ``True``
+            where a query may attend to a key (:math:`M` is 0 there, :math:`-\infty`
+            elsewhere).  Every query must keep at least one key.
         need_weights: also return the attention matrix :math:`A` (takes the
             reference path).
-        fused: use ``scaled_dot_product_attention`` when the weights are not needed.
+        fused: use ``scaled_dot_product_attention`` when the weights are not needed,
+            and :class:`_Gram` when the keys are the queries.
 
     Returns:
         ``(Y, A)``: ``Y`` is ``(..., N_q, d_v)``; ``A`` is ``(..., N_q, N_k)``, or
@@ -164,10 +200,14 @@ def attend(
         out = F.scaled_dot_product_attention(query, key, value,
                                              attn_mask=mask, scale=scale)
         return out, None
-    scale_scores = scale != 1.0 and n_k < d_k  # S is the smaller one: scale it instead
+    symmetric = fused and key is query  # S = s QQ^T: see _Gram
+    scale_scores = scale != 1.0 and (symmetric or n_k < d_k)  # S is the smaller
     if scale != 1.0 and not scale_scores:
-        query = query * scale  # (sQ)K^T = s QK^T: N_q·d_k products instead of N_q·N_k
-    scores = torch.matmul(query, key.transpose(-2, -1))  # S = s Q K^T
+        query = query * scale  # (sQ)K^T = s QK^T: N_q·d_k products, not N_q·N_k
+    if symmetric:
+        scores = _Gram.apply(query)
+    else:
+        scores = torch.matmul(query, key.transpose(-2, -1))  # S = s Q K^T
     if scale_scores:
         scores = scores * scale
     if mask is not None:
@@ -177,8 +217,8 @@ def attend(
         # Subnormal weights (< tiny) make the product below crawl on a CPU;
         # as 0 they change nothing visible.  One pass: w if w > tiny else 0.
         weights = F.threshold(weights, torch.finfo(weights.dtype).tiny, 0.0)
-    a = weights.to(value.dtype)
-    if n_q <= d_v and value.mT.is_contiguous() and not value.is_contiguous():
+    a = weights if weights.dtype == value.dtype else weights.to(value.dtype)
+    if n_q <= d_v and value.stride(-2) == 1 and value.stride(-1) != 1:
         # V is a B×d_v×N_k feature map seen as tokens: Y = (VᵀAᵀ)ᵀ reads V, and
         # writes its gradient, in the map's own layout.  Only where A (N_q×N_k) is
         # no larger than V: A's gradient then comes back transposed, which on a

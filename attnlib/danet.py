@@ -209,7 +209,7 @@ class ChannelAttention(nn.Module):
 
     def flops(self, batch: int, height: int, width: int) -> dict[str, int]:
         """Analytic FLOPs of :meth:`forward` at this size; see :func:`channel_attention_flops`."""
-        return channel_attention_flops(batch, self._channels(), height, width)
+        return channel_attention_flops(batch, self._channels(), height, width, fused=self.fused)
 
     def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
         """Bytes of attention matrix :meth:`forward` stores; see :func:`channel_attention_attention_memory`."""
@@ -292,7 +292,7 @@ class DualAttentionHead(nn.Module):
     def flops(self, batch: int, height: int, width: int) -> dict[str, int]:
         """Analytic FLOPs of :meth:`forward` at this size; see :func:`dual_attention_head_flops`."""
         return dual_attention_head_flops(batch, self.in_channels, height, width, channels=self.out_channels,
-                                         reduction=self.reduction)
+                                         reduction=self.reduction, fused=self.cam.fused)
 
     def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
         """Bytes of the PAM's and the CAM's attention matrices, each on its own path."""
@@ -331,13 +331,19 @@ def position_attention_attention_memory(batch: int, channels: int, height: int, 
                                   fused=fused, bytes_per_element=bytes_per_element)
 
 
-def channel_attention_flops(batch: int, channels: int, height: int, width: int) -> dict[str, int]:
+def channel_attention_flops(batch: int, channels: int, height: int, width: int, *,
+                            fused: bool = False) -> dict[str, int]:
     r"""FLOPs of one :class:`ChannelAttention` forward pass, as ``FlopCounterMode`` counts them.
 
     No convolutions; the energies :math:`AA^\top` cost :math:`2BC^2N` and the aggregation
-    :math:`XA` another :math:`2BC^2N`: linear in :math:`N`, quadratic in :math:`C`.
+    :math:`XA` another :math:`2BC^2N`: linear in :math:`N`, quadratic in :math:`C`.  The fused
+    path computes the symmetric energies from three of their four blocks
+    (:class:`attnlib.core._Gram`), :math:`2BN(hC + (C-h)^2)` with :math:`h = \lfloor C/2\rfloor`,
+    about :math:`\tfrac34 \cdot 2BC^2N`.
     """
-    return {"conv": 0, "matmul": 4 * batch * channels * channels * height * width}
+    n, half = height * width, channels // 2
+    energy = 2 * batch * n * (half * channels + (channels - half) ** 2 if fused and half else channels * channels)
+    return {"conv": 0, "matmul": energy + 2 * batch * channels * channels * n}
 
 
 def channel_attention_attention_memory(batch: int, channels: int, height: int, width: int, *, fused: bool = False,
@@ -353,17 +359,18 @@ def channel_attention_attention_memory(batch: int, channels: int, height: int, w
 
 
 def dual_attention_head_flops(batch: int, in_channels: int, height: int, width: int, *, channels: int,
-                              reduction: int = 8) -> dict[str, int]:
+                              reduction: int = 8, fused: bool = False) -> dict[str, int]:
     r"""FLOPs of one :class:`DualAttentionHead` forward pass, as ``FlopCounterMode`` counts them.
 
     The four 3×3 convolutions (padding 1, so H×W is kept) cost
     :math:`2 \cdot 2BN \cdot 9\,C_{\text{in}} C' + 2 \cdot 2BN \cdot 9\,C'^2` with :math:`C'` = ``channels``;
-    add :func:`position_attention_flops` and :func:`channel_attention_flops` at width :math:`C'`.
+    add :func:`position_attention_flops` and :func:`channel_attention_flops` at width :math:`C'`
+    (``fused`` is the CAM's path).
     """
     n = height * width
     convs = 2 * (2 * batch * n * 9 * in_channels * channels) + 2 * (2 * batch * n * 9 * channels * channels)
     pam = position_attention_flops(batch, channels, height, width, reduction=reduction)
-    cam = channel_attention_flops(batch, channels, height, width)
+    cam = channel_attention_flops(batch, channels, height, width, fused=fused)
     return {"conv": convs + pam["conv"] + cam["conv"], "matmul": pam["matmul"] + cam["matmul"]}
 
 

@@ -158,10 +158,10 @@ class _Layout:
 
     def key_mask(self, kind: str, batch: int,
                  device: torch.device) -> torch.Tensor | None:
-        """``attend``'s mask (True = may attend), (B·groups)×S×S, hiding padded keys.
+        """``attend``'s key mask (True = may attend), (B·groups)×1×S: hides padded keys.
 
-        ``None`` if nothing is padded.  A group without any real key keeps all its keys
-        (those queries are padding themselves).
+        One row per group serves all its queries.  ``None`` if nothing is padded.  A
+        group without any real key keeps all its keys (those queries are padding).
         """
         if not self.needs_padding:
             return None
@@ -170,9 +170,7 @@ class _Layout:
         real[..., top:top + self.height, left:left + self.width] = True
         keys = self.group(real, kind)[:, 0, :, 0]  # groups×positions
         keys = keys | ~keys.any(dim=1, keepdim=True)
-        groups, size = keys.shape
-        mask = keys[None, :, None, :].expand(batch, groups, size, size)
-        return mask.reshape(batch * groups, size, size)
+        return keys[:, None, :].repeat(batch, 1, 1)
 
     def dense(self, weights: torch.Tensor, kind: str) -> torch.Tensor:
         """Per-group weights B×groups×S×S (S positions per group) as the B×N_p×N_p matrix over the padded map."""

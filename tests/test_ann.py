@@ -300,8 +300,9 @@ def test_flops_with_paper_pyramid_equal_counted(fused):
     assert afnb.flops(2, 9, 13) == measured_flops(afnb, low, high)
     n = 9 * 13
     assert apnb_flops(2, 12, 9, 13, out_channels=10, key_channels=6, value_channels=4)["matmul"] == 2 * 2 * n * 110 * 10
+    # γ (8 → 4) runs on the 110 pooled bins, every other convolution on the n pixels
     assert afnb_flops(2, 12, 9, 13, low_channels=8, out_channels=10, key_channels=6, value_channels=4)["conv"] == (
-        2 * 2 * n * (8 * 6 + 12 * 6 + 8 * 4 + 4 * 10 + 22 * 10))
+        2 * 2 * n * (8 * 6 + 12 * 6 + 4 * 10 + 22 * 10) + 2 * 2 * 110 * 8 * 4)
 
 
 def test_attention_memory_is_n_by_s():

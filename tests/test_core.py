@@ -106,7 +106,8 @@ def test_bf16_autocast():
     (7, 9, 5, 5, True),     # more keys than channels: SDPA saves the 7×9 matrix
     (1, 9, 5, 5, False),    # a single query (GCNet): nothing to save
     (7, 4, 5, 5, False),    # fewer keys than query channels (CAM, ANN's pooled keys)
-    (7, 5, 5, 5, True),
+    (7, 5, 5, 5, False),    # as many keys as channels: the matrix is the queries' size, nothing saved
+    (7, 6, 5, 5, True),
     (7, 9, 5, 3, False),    # d_v ≠ d_k (DANet's PAM): no CPU flash kernel, SDPA would store the matrix
 ])
 def test_fused_kernel_is_called_exactly_when_the_rule_says(monkeypatch, n_q, n_k, d_k, d_v, expected):
@@ -168,3 +169,58 @@ def test_plain_path_scales_exactly_whichever_operand_it_scales(n_k, d_k, scale):
     torch.testing.assert_close(weights, expected)
     torch.testing.assert_close(out, expected @ v)
     torch.testing.assert_close(attend(q, k, v, scale=scale)[0], out)
+
+
+@pytest.mark.parametrize("batch", [(), (2,)], ids=["unbatched", "B"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_key_mask_means_the_same_row_for_every_query(batch, fused):
+    """A (…, 1, N_k) key mask equals the full (…, N_q, N_k) mask with that row repeated."""
+    q, k, v = operands(*batch, d_v=5)  # d_v = d_k: the CPU flash kernel takes masks too
+    keys = torch.rand(*batch, 1, 9, generator=torch.Generator().manual_seed(2)) > 0.5
+    keys[..., 0] = True
+    out, _ = attend(q, k, v, mask=keys, fused=fused)
+    torch.testing.assert_close(out, attend(q, k, v, mask=keys.expand(*batch, 7, 9), fused=False)[0],
+                               rtol=0, atol=1e-5)
+
+
+def test_refuses_a_key_mask_for_the_wrong_batch():
+    q, k, v = operands(2)
+    with pytest.raises(ValueError, match=r"\(2, 1, 9\).*got \(3, 1, 9\)"):
+        attend(q, k, v, mask=torch.ones(3, 1, 9, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("n", [1, 2, 7], ids=["one-token", "even", "odd"])
+@pytest.mark.parametrize("scale", [1.0, -1.0, 0.3])
+def test_self_attention_uses_the_symmetric_scores_and_equals_the_literal_path(n, scale):
+    """Keys that are the queries (CAM): _Gram's scores, values and gradients equal QKᵀ's, in float64."""
+    x = torch.randn(2, n, 11, dtype=torch.float64, requires_grad=True)
+    out, weights = attend(x, x, x, scale=scale, need_weights=True)
+    reference, reference_weights = attend(x, x.clone(), x, scale=scale, need_weights=True, fused=False)
+    torch.testing.assert_close(weights, reference_weights)
+    torch.testing.assert_close(out, reference)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(reference, x, grad)[0])
+    assert torch.autograd.gradcheck(lambda t: attend(t, t, t, scale=scale)[0], (x,))
+    assert torch.autograd.gradgradcheck(lambda t: attend(t, t, t, scale=scale)[0], (x,))
+
+
+def test_symmetric_scores_mirror_a_block_and_count_three_quarters_of_the_products():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from attnlib.core import _Gram
+
+    x = torch.randn(3, 10, 40)
+    gram = _Gram.apply(x)
+    assert torch.equal(gram[:, 5:, :5], gram[:, :5, 5:].mT)  # computed once, mirrored
+    torch.testing.assert_close(gram, x @ x.mT)
+    with FlopCounterMode(display=False) as counter:
+        _Gram.apply(x)
+    assert counter.get_total_flops() == 2 * 3 * 40 * (5 * 10 + 5 * 5)  # X_1 Xᵀ and X_2 X_2ᵀ
+
+
+def test_symmetric_scores_under_bf16_autocast():
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = attend(x, x, x, scale=-1.0)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()

@@ -192,9 +192,12 @@ def test_attention_memory_formula():
     kw = {"key_channels": 64}
     assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=(8, 8), **kw) == (p * g * g + g * p * p) * 4
     assert interlaced_sparse_attention_memory(1, 512, 250, 121, down_factor=8, **kw) == (p * g * g + g * p * p) * 4
-    assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=8, fused=True, **kw) == 0
-    # 256 key channels: the 64-position short-range groups take the core's plain path and store their P×P matrices
-    assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=8, fused=True, key_channels=256) == g * p * p * 4
+    assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=8, fused=True, key_channels=32) == 0
+    # 64 or more key channels: the 64-position short-range groups' P×P matrices are no larger than their
+    # queries, so they take the core's plain path and are stored; the long-range ones are not
+    for key_channels in (64, 256):
+        assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=8, fused=True,
+                                                  key_channels=key_channels) == g * p * p * 4
 
 
 def test_memory_formula_follows_the_kernel_that_runs(monkeypatch):
