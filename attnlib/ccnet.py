@@ -133,8 +133,14 @@ class CrissCrossAttention(nn.Module):
         W is 1.
         """
         h, w = q.shape[2], q.shape[3]
+        # The column terms batch over the W columns.  Read from the B×C×H×W maps, their
+        # operands would have no unit stride within a matrix, and a bmm copies such
+        # operands matrix by matrix (a quarter of the block's time at B = 1): so they
+        # read copies laid out column by column, made once.
+        q_col = q.permute(0, 3, 2, 1).contiguous()  # B×W×H×C'
+        k_col, v_col = (t.permute(0, 3, 1, 2).contiguous() for t in (k, v))  # B×W×C×H
         # Column energies, batched over the W columns: e_col[b,i,j,k] = Q(i,j)·K(k,j).
-        e_col = q.permute(0, 3, 2, 1) @ k.permute(0, 3, 1, 2)  # B×W×H×H, [b, j, i, k]
+        e_col = q_col @ k_col  # B×W×H×H, [b, j, i, k]
         e_col = e_col.transpose(1, 2)  # B×H×W×H
         # Row energies, batched over the H rows: e_row[b, i, j, l] = Q(i, j)·K(i, l).
         e_row = q.permute(0, 2, 3, 1) @ k.permute(0, 2, 1, 3)  # B×H×W×W
@@ -147,7 +153,7 @@ class CrissCrossAttention(nn.Module):
         a_col, a_row = attention.split([h, w], dim=-1)
         # Eq. 2: Σ over the column (batched over columns) + Σ over the row (over rows),
         # values on the left so that the products come out channels-first, as the map.
-        y_col = v.permute(0, 3, 1, 2) @ a_col.permute(0, 2, 3, 1)  # B×W×C×H: [b,j,c,i]
+        y_col = v_col @ a_col.permute(0, 2, 3, 1)  # B×W×C×H: [b,j,c,i]
         y_row = v.permute(0, 2, 1, 3) @ a_row.transpose(-1, -2)  # B×H×C×W: [b,i,c,j]
         # One copy to contiguous B×C×H×W, so that the next layer's convolutions (RCCA's
         # next loop) neither run on nor pass on a permuted layout.
