@@ -143,9 +143,11 @@ class _GlobalContext(nn.Module):
         b, c, _, _ = x.shape
         if self.pooling == "avg":
             return x.mean(dim=(2, 3), keepdim=True), None  # α_j = 1/N: SE's squeeze
-        keys = x.flatten(2).transpose(1, 2)  # B×N×C: each position a key and a value
+        # B×N×C: each position a key and a value.  Two views, not one tensor used twice:
+        # their gradients then meet the rest of x's in one sum, partly in place.
+        keys, values = x.flatten(2).mT, x.flatten(2).mT
         query = self.w_k.expand(b, 1, c)  # one query per image, shared by all positions
-        context, weights = attend(query, keys, keys, scale=1.0,
+        context, weights = attend(query, keys, values, scale=1.0,
                                   need_weights=need_weights, fused=self.fused)
         return context.transpose(1, 2).reshape(b, c, 1, 1), weights
 
