@@ -26,11 +26,36 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from .train import PROFILES, check_profile
+from .train import PROFILES, Schedule, check_profile
 
-__all__ = ["HTMLNote", "execute_notebook", "glue", "profile_label", "profile_note", "say", "show", "strip_timings"]
+__all__ = ["HTMLNote", "execute_notebook", "glue", "profile_label", "profile_note", "say", "show", "strip_timings",
+           "training_plan"]
 
 TEST_FRAMES = 233  # CamVid's test split
+# Measured training time per model, the one figure every chapter's plan quotes: the quick profile
+# on the book's 2-core CI machine (see attnlib.train.PROFILES).  The full profile is not yet measured.
+SECONDS_PER_MODEL = {"quick": 25}
+
+
+def training_plan(profile: str, models: str) -> Schedule:
+    """Print what a chapter is about to train under ``profile``, and return its schedule.
+
+    ``models`` names them, e.g. ``"two models (FCN, CCNet)"``.  The plan gives the schedule,
+    the checkpoint cache that spares retraining, and the time to expect.
+    """
+    from .models import cache_dir  # models imports train, as this module does: no cycle
+
+    schedule = PROFILES[check_profile(profile)]
+    h, w = schedule.crop_size
+    print(f"profile {profile!r}: {models}, {schedule.steps:,} steps of {schedule.batch_size} crops of {h}x{w} "
+          f"each, unless cached in {cache_dir()}")
+    if profile in SECONDS_PER_MODEL:
+        print(f"expect about {SECONDS_PER_MODEL[profile]} s per model on an idle 2-core CPU "
+              "(measured on the book's CI machine)")
+    else:
+        print(f"the {profile} profile's time per model has not been measured yet; on a GPU without native "
+              "bfloat16 (Colab's T4) it is far slower: consider PROFILE = 'quick'")
+    return schedule
 
 
 def profile_label(profile: str, device: str) -> str:

@@ -148,9 +148,10 @@ class Schedule:
 # the freshly initialised BatchNorm statistics; poly 0.9 is mmseg's decay.
 PROFILES: dict[str, Schedule] = {
     # CPU smoke run, measured on 2 idle AMD EPYC cores, torch 2.14: a step takes ~0.47 s at
-    # 96×128 (0.72 s at 128×160), so a model takes ~24 s (40 steps, then 8 test frames).  CI
-    # trains every head once, so the crop sets most of its time.  In 40 steps the network
-    # underfits, so augmentation is light: scale 0.5-1 and no colour jitter.
+    # 96×128 (0.72 s at 128×160), so a model takes ~25 s (40 steps, then 8 test frames;
+    # book.SECONDS_PER_MODEL, which the chapters quote).  CI trains every head once, so the
+    # crop sets most of its time.  In 40 steps the network underfits, so augmentation is
+    # light: scale 0.5-1 and no colour jitter.
     "quick": Schedule(
         name="quick", steps=40, batch_size=4, crop_size=(96, 128), lr=2e-3, weight_decay=1e-2,
         warmup_steps=4, scale_range=(0.5, 1.0), jitter=False, train_limit=64, eval_limit=8,

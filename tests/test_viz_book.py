@@ -134,3 +134,16 @@ def test_say_renders_markdown_and_refuses_empty_text():
 def test_strip_timings_removes_execution_metadata_only():
     notebook = {"cells": [{"metadata": {"execution": {"iopub.status.busy": "2026"}, "tags": ["x"]}}, {}]}
     assert json.dumps(book.strip_timings(notebook)) == json.dumps({"cells": [{"metadata": {"tags": ["x"]}}, {}]})
+
+
+def test_training_plan_quotes_the_schedule_and_the_measured_time_and_returns_the_schedule(capsys):
+    from attnlib.train import PROFILES
+
+    assert book.training_plan("quick", "two models (FCN, CCNet)") is PROFILES["quick"]
+    plan = capsys.readouterr().out
+    assert "two models (FCN, CCNet), 40 steps of 4 crops of 96x128 each" in plan
+    assert f"about {book.SECONDS_PER_MODEL['quick']} s per model" in plan
+    book.training_plan("full", "seven models")
+    assert "not been measured yet" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="quick"):
+        book.training_plan("fast", "one model")
