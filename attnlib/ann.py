@@ -452,7 +452,7 @@ def apnb_attention_memory(batch: int, channels: int, height: int, width: int, *,
                           fused: bool = False, device: torch.device | str = "cpu", bytes_per_element: int = 4) -> int:
     """Bytes of the B×N×S attention matrix: :math:`BNS` elements, linear in N (the non-local block's is :math:`BN^2`).
 
-    The fused path stores none — unless there are fewer samples S than key channels (110 keys
+    The fused path stores none — unless there are no more samples S than key channels (110 keys
     against 256 channels in the paper's setting), where the core takes its plain path on either
     setting because the matrix is smaller than the queries, and, on a CPU, unless ``value_channels``
     differs from ``key_channels`` (no flash kernel; ``None`` means equal; :func:`attnlib.core.takes_fused_path`).

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from .models import cache_dir
 from .train import PROFILES, Schedule, check_profile
 
 __all__ = ["HTMLNote", "execute_notebook", "glue", "profile_label", "profile_note", "say", "show", "strip_timings",
@@ -43,8 +44,6 @@ def training_plan(profile: str, models: str) -> Schedule:
     ``models`` names them, e.g. ``"two models (FCN, CCNet)"``.  The plan gives the schedule,
     the checkpoint cache that spares retraining, and the time to expect.
     """
-    from .models import cache_dir  # models imports train, as this module does: no cycle
-
     schedule = PROFILES[check_profile(profile)]
     h, w = schedule.crop_size
     print(f"profile {profile!r}: {models}, {schedule.steps:,} steps of {schedule.batch_size} crops of {h}x{w} "

@@ -30,7 +30,7 @@ follow the paper's three steps: *context modelling* (:math:`c`), *transform* and
 :math:`W_k x_j = w_k^\top x_j + b_k`, the weights :math:`\alpha` are
 :math:`\operatorname{softmax}(q K^\top)` for the single query :math:`q = w_k^\top`, keys
 :math:`K = X` and values :math:`V = X` (the bias :math:`b_k` shifts every logit equally and
-the softmax ignores it, so it is left out; :func:`from_mmcv` drops mmcv's ``conv_mask.bias``
+the softmax ignores it, so it is left out; :func:`from_mmcv_state_dict` drops mmcv's ``conv_mask.bias``
 for that reason).  Where a non-local block has one query per
 position, GC has one query per image: the :math:`N \times N` matrix becomes :math:`1 \times N`,
 and the same map serves every position.  That is why :meth:`attention_map` is the same for

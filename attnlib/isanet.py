@@ -356,7 +356,7 @@ def interlaced_sparse_attention_memory(batch: int, channels: int, height: int, w
     short range: :math:`G` matrices of :math:`P\times P`.  For :math:`N = GP` and :math:`P \approx G
     \approx \sqrt N` that is :math:`O(N^{1.5})` against :math:`O(N^2)`.  The fused path stores none
     (``scaled_dot_product_attention``'s kernels tile the matrices) — except for a stage whose
-    groups have fewer positions than ``key_channels``, where the core's plain path is as fast
+    groups have no more positions than ``key_channels``, where the core's plain path is as fast
     and the matrices are small, and, on a CPU, unless ``value_channels`` differs from ``key_channels``
     (no flash kernel; ``None`` means equal; :func:`attnlib.core.takes_fused_path`).  ``channels`` does not enter.
     """

@@ -284,8 +284,9 @@ class Segmentor(nn.Module):
         if getattr(self.head, "uses_layer3", False):
             features = self.head(c3, c4)
         elif return_branches and self.branch_names:
-            features, *outputs = self.head(c4, return_branches=True)
-            branches = {name: upsample(self.branch_classifiers[name](t)) for name, t in zip(self.branch_names, outputs)}
+            features, *branch_features = self.head(c4, return_branches=True)
+            branches = {name: upsample(self.branch_classifiers[name](t))
+                        for name, t in zip(self.branch_names, branch_features)}
         else:
             features = self.head(c4)
         outputs = (upsample(self.classifier(features)),)
