@@ -50,11 +50,18 @@ Three details of the plain path make it fast without changing what it computes:
   implementation.  The flush is local to ``attend``: the process-wide switch
   (``torch.set_flush_denormal``) stays as the user set it.
 
-One more, on the fast setting only (``fused=True``): when the keys *are* the queries (DANet's
-channel attention, :math:`E = AA^\top`), the scores :math:`S = s\,QQ^\top` form a symmetric
-matrix, and :class:`_Gram` computes them through that symmetry: three quarters of the products
-forward, and one product instead of two backward.  ``fused=False`` keeps the literal
-:math:`QK^\top`, and the tests hold the two equal.
+Two more, on the fast setting only (``fused=True``); ``fused=False`` keeps the literal
+products, and the tests hold the two equal:
+
+* when the keys *are* the queries (DANet's channel attention, :math:`E = AA^\top`), the
+  scores :math:`S = s\,QQ^\top` form a symmetric matrix, and :class:`_Gram` computes them
+  through that symmetry: three quarters of the products forward, and one product instead of
+  two backward;
+* when one query pools tokens that are both its keys and its values (GCNet's attention
+  pooling, :math:`y = \operatorname{softmax}(s\,qX^\top)X`), :class:`_Pool` computes it:
+  its two matrix–vector products, which a CPU BLAS runs on one core, are split over the
+  positions so that every thread takes a share, and its backward pass writes the rank-two
+  gradient of :math:`X` in one pass instead of two outer products and a sum.
 """
 from __future__ import annotations
 
@@ -122,6 +129,99 @@ class _Gram(torch.autograd.Function):
         return torch.matmul(grad + grad.mT, x.to(grad.dtype))
 
 
+_SHARED_ELEMENTS = 1 << 20  # 4 MiB of float32
+
+
+def _position_shares(tokens: torch.Tensor) -> int:
+    """How many shares of the N positions :class:`_Pool` splits its products into.
+
+    A CPU BLAS runs a matrix–vector product on one thread.  Cut into ``k`` equal shares of
+    the positions, stacked as a batch, the product runs on up to ``k`` threads: ``k`` is the
+    largest divisor of N no larger than the thread count.  Only for one image of at least
+    ``_SHARED_ELEMENTS`` numbers: below that (measured on a 2-core CPU, 1×512×32×32 against
+    1×512×64×64) starting a thread costs more than its share saves, a batch of images already
+    spreads over the threads, and the shares of several images are not one strided view.  On
+    other devices the product is parallel already: 1.
+    """
+    batch, n, d = tokens.shape
+    if tokens.device.type != "cpu" or batch != 1 or n * d < _SHARED_ELEMENTS:
+        return 1
+    threads = torch.get_num_threads()
+    return max(k for k in range(1, min(threads, n) + 1) if n % k == 0)
+
+
+def _row_times_tokens_t(row: torch.Tensor, tokens: torch.Tensor, shares: int) -> torch.Tensor:
+    """``row @ tokens.mT`` (1×d times d×N, one entry per position), the positions in ``shares``."""
+    if shares == 1:
+        return torch.bmm(row, tokens.mT)
+    n = tokens.shape[-2]
+    parts = torch.bmm(row.expand(shares, -1, -1), tokens[0].unflatten(0, (shares, n // shares)).mT)
+    return parts.reshape(1, 1, n)  # share-major is position order
+
+
+def _row_times_tokens(row: torch.Tensor, tokens: torch.Tensor, shares: int) -> torch.Tensor:
+    """``row @ tokens`` (1×N times N×d, a sum over positions), the sum taken in ``shares``."""
+    if shares == 1:
+        return torch.bmm(row, tokens)
+    n = tokens.shape[-2]
+    parts = torch.bmm(row.reshape(shares, 1, n // shares), tokens[0].unflatten(0, (shares, n // shares)))
+    return parts.sum(0, keepdim=True)
+
+
+def _pool_weights(query: torch.Tensor, tokens: torch.Tensor, scale: float, shares: int) -> torch.Tensor:
+    """The pooling weights α = softmax(s q Xᵀ), B×1×N, flushed as :func:`attend`'s plain path flushes them."""
+    logits = _row_times_tokens_t(query, tokens, shares)
+    if scale != 1.0:
+        logits = logits * scale
+    weights = logits.softmax(dim=-1)
+    if tokens.shape[-2] <= tokens.shape[-1]:  # no more positions than channels: no subnormal weights
+        weights = F.threshold(weights, torch.finfo(weights.dtype).tiny, 0.0)
+    return weights
+
+
+class _Pool(torch.autograd.Function):
+    r"""Attention pooling :math:`y = \alpha X`, :math:`\alpha = \operatorname{softmax}(s\,qX^\top)`: one query, tokens that are keys and values.
+
+    ``query`` is B×1×d, ``tokens`` B×N×d.  Forward: the logits and the weighted sum, each split
+    over the positions (:func:`_position_shares`).  Backward, with :math:`\bar\alpha = \bar y X^\top`
+    and :math:`\bar\ell = s\,\alpha \odot (\bar\alpha - \langle \alpha, \bar\alpha\rangle)`:
+    :math:`\bar q = \bar\ell X` and the rank-two :math:`\bar X = \alpha^\top \bar y + \bar\ell^\top q`,
+    written in one pass in the tokens' own layout, where autograd writes two outer products
+    and adds them.  For a second derivative (``create_graph=True``) the backward pass
+    recomputes :math:`\alpha` from :math:`q` and :math:`X`, so that its own graph is complete.
+    """
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, tokens: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale, ctx.shares = scale, _position_shares(tokens)
+        # detached: torch's products take slower paths for tensors that require grad
+        weights = _pool_weights(query.detach(), tokens.detach(), scale, ctx.shares)
+        ctx.save_for_backward(query, tokens, weights)
+        return _row_times_tokens(weights.to(tokens.dtype), tokens.detach(), ctx.shares)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        query, tokens, weights = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: α must depend on q and X in the new graph
+            weights = _pool_weights(query, tokens, ctx.scale, ctx.shares)
+        else:
+            query, tokens = query.detach(), tokens.detach()
+        # under autocast the grad comes in the product's dtype: work in the tokens'
+        grad, weights = grad.to(tokens.dtype), weights.to(tokens.dtype)
+        grad_weights = _row_times_tokens_t(grad, tokens, ctx.shares)  # ᾱ = ȳ Xᵀ
+        grad_logits = weights * (grad_weights - (weights * grad_weights).sum(-1, keepdim=True))
+        if ctx.scale != 1.0:
+            grad_logits = grad_logits * ctx.scale
+        grad_query = _row_times_tokens(grad_logits, tokens, ctx.shares) if ctx.needs_input_grad[0] else None
+        grad_tokens = None
+        if ctx.needs_input_grad[1]:
+            if tokens.stride(-2) == 1:  # a feature map seen as tokens: write B×d×N, return its transpose
+                grad_tokens = (grad.mT * weights).addcmul_(query.mT, grad_logits).mT
+            else:
+                grad_tokens = (weights.mT * grad).addcmul_(grad_logits.mT, query)
+        return grad_query, grad_tokens, None
+
+
 def takes_fused_path(n_q: int, n_k: int, d_k: int, *, d_v: int | None = None,
                      device: torch.device | str = "cpu", fused: bool = True, need_weights: bool = False) -> bool:
     r"""Whether :func:`attend` calls ``scaled_dot_product_attention`` for these sizes on ``device``.
@@ -181,7 +281,8 @@ def attend(
         need_weights: also return the attention matrix :math:`A` (takes the
             reference path).
         fused: use ``scaled_dot_product_attention`` when the weights are not needed,
-            and :class:`_Gram` when the keys are the queries.
+            :class:`_Gram` when the keys are the queries, and :class:`_Pool` when one query
+            pools tokens that are its keys and values.
 
     Returns:
         ``(Y, A)``: ``Y`` is ``(..., N_q, d_v)``; ``A`` is ``(..., N_q, N_k)``, or
@@ -200,6 +301,9 @@ def attend(
         out = F.scaled_dot_product_attention(query, key, value,
                                              attn_mask=mask, scale=scale)
         return out, None
+    pooling = n_q == 1 and key is value and key is not query and mask is None and query.dim() == 3
+    if fused and pooling and not need_weights:
+        return _Pool.apply(query, key, scale), None  # attention pooling: see _Pool
     symmetric = fused and key is query  # S = s QQ^T: see _Gram
     scale_scores = scale != 1.0 and (symmetric or n_k < d_k)  # S is the smaller
     if scale != 1.0 and not scale_scores:

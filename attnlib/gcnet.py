@@ -143,11 +143,9 @@ class _GlobalContext(nn.Module):
         b, c, _, _ = x.shape
         if self.pooling == "avg":
             return x.mean(dim=(2, 3), keepdim=True), None  # α_j = 1/N: SE's squeeze
-        # B×N×C: each position a key and a value.  Two views, not one tensor used twice:
-        # their gradients then meet the rest of x's in one sum, partly in place.
-        keys, values = x.flatten(2).mT, x.flatten(2).mT
+        tokens = x.flatten(2).mT  # B×N×C: each position is a key and a value
         query = self.w_k.expand(b, 1, c)  # one query per image, shared by all positions
-        context, weights = attend(query, keys, values, scale=1.0,
+        context, weights = attend(query, tokens, tokens, scale=1.0,
                                   need_weights=need_weights, fused=self.fused)
         return context.transpose(1, 2).reshape(b, c, 1, 1), weights
 
@@ -314,8 +312,9 @@ def context_block_attention_memory(batch: int, channels: int, height: int, width
                                    fused: bool = False, bytes_per_element: int = 4) -> int:
     """Bytes of the B×1×N attention weights — :math:`O(N)`, not :math:`O(N^2)`.
 
-    Both paths store them: with a single query the attention core always takes its plain
-    path (see :func:`attnlib.core.attend`), so ``fused`` changes nothing.  Average pooling
+    Both paths store them: with a single query there is no larger matrix to leave out, and
+    the fast path (:class:`attnlib.core._Pool`) keeps the same weights for its backward pass,
+    so ``fused`` changes nothing.  Average pooling
     has no attention weights (0).  ``channels`` is accepted for a signature uniform with
     the other blocks; the weights do not depend on it.
     """

@@ -224,3 +224,120 @@ def test_symmetric_scores_under_bf16_autocast():
         out, _ = attend(x, x, x, scale=-1.0)
     out.float().sum().backward()
     assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
+def pooling_operands(batch, n, d, layout, seed=0):
+    """One query and tokens (keys = values), as GCNet passes them: ``map`` is a B×d×N map seen as tokens."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(1, 1, d, generator=g, dtype=torch.float64, requires_grad=True)
+    shape = (batch, d, n) if layout == "map" else (batch, n, d)
+    source = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    return query, source
+
+
+def as_tokens(source, layout):
+    return source.mT if layout == "map" else source
+
+
+@pytest.mark.parametrize("layout", ["map", "tokens"])
+@pytest.mark.parametrize("batch, shares", [(1, 1), (1, 3), (2, 1)])
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_attention_pooling_equals_the_literal_path(monkeypatch, layout, batch, shares, scale):
+    """One query pooling tokens that are its keys and values (GCNet): _Pool's values and gradients, in float64."""
+    import attnlib.core as core
+
+    monkeypatch.setattr(core, "_position_shares", lambda tokens: shares)
+    calls = []
+    pool = core._Pool.apply
+    monkeypatch.setattr(core._Pool, "apply", lambda *a: calls.append(1) or pool(*a))
+    query, source = pooling_operands(batch, 12, 5, layout)
+
+    def pooled(q, s):
+        tokens = as_tokens(s, layout)
+        return attend(q.expand(batch, 1, 5), tokens, tokens, scale=scale)[0]
+
+    out = pooled(query, source)
+    tokens = as_tokens(source, layout)
+    reference, _ = attend(query.expand(batch, 1, 5), tokens, tokens.clone(), scale=scale, fused=False)
+    assert calls and not attend(query.expand(batch, 1, 5), tokens, tokens, need_weights=True)[0].isnan().any()
+    torch.testing.assert_close(out, reference)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (query, source), grad),
+                               torch.autograd.grad(reference, (query, source), grad))
+    assert torch.autograd.gradcheck(pooled, (query, source))
+
+
+@pytest.mark.parametrize("threads, n, d, batch, expected", [
+    (2, 4096, 512, 1, 2), (16, 2700, 512, 1, 15), (4, 4099, 512, 1, 1), (8, 3, 1 << 19, 1, 3),
+    (2, 4096, 512, 2, 1),  # a batch already spreads over the threads
+    (2, 1024, 512, 1, 1),  # too small for a thread to pay
+])
+def test_pooling_splits_the_positions_into_thread_shares(monkeypatch, threads, n, d, batch, expected):
+    """The largest divisor of N no larger than the thread count, for one large enough image on a CPU."""
+    import attnlib.core as core
+
+    monkeypatch.setattr(core.torch, "get_num_threads", lambda: threads)
+    assert core._position_shares(torch.empty(batch, n, d)) == expected
+
+
+@pytest.mark.parametrize("case", ["mask", "weights", "reference", "keys are not values", "query is a token"])
+def test_attention_pooling_only_where_the_rule_says(monkeypatch, case):
+    import attnlib.core as core
+
+    calls = []
+    pool = core._Pool.apply
+    monkeypatch.setattr(core._Pool, "apply", lambda *a: calls.append(1) or pool(*a))
+    query, source = pooling_operands(2, 9, 5, "tokens")
+    tokens = source
+    kwargs = {"mask": torch.ones(1, 9, dtype=torch.bool)} if case == "mask" else {}
+    if case == "weights":
+        kwargs["need_weights"] = True
+    if case == "reference":
+        kwargs["fused"] = False
+    values = tokens.clone() if case == "keys are not values" else tokens
+    if case == "query is a token":
+        attend(tokens[:, :1], tokens[:, :1], tokens[:, :1])
+    else:
+        attend(query.expand(2, 1, 5), tokens, values, **kwargs)
+    assert not calls
+
+
+@pytest.mark.parametrize("layout", ["map", "tokens"])
+def test_attention_pooling_has_exact_second_derivatives(layout):
+    query, source = pooling_operands(1, 9, 5, layout)
+
+    def pooled(q, s):
+        tokens = as_tokens(s, layout)
+        return attend(q, tokens, tokens, scale=0.7)[0]
+
+    assert torch.autograd.gradgradcheck(pooled, (query, source))
+
+
+def test_attention_pooling_flushes_subnormal_weights_as_the_plain_path_does():
+    """Few positions, many channels (N ≤ d): weights below float32's tiny are 0 on both paths."""
+    query = torch.zeros(1, 1, 64)
+    query[..., 0] = 1.0
+    tokens = torch.randn(1, 48, 64, generator=torch.Generator().manual_seed(0))
+    tokens[..., 0] = torch.linspace(0, -100, 48)  # logits down to e^-100: subnormal below e^-87.3
+    tokens.requires_grad_()
+    logits = (query @ tokens.mT).detach()
+    unflushed = logits.softmax(-1)
+    assert ((unflushed > 0) & (unflushed < torch.finfo(torch.float32).tiny)).any()  # the case is real
+    out, _ = attend(query, tokens, tokens, scale=1.0)
+    _, _, weights = out.grad_fn.saved_tensors  # _Pool's
+    assert not ((weights > 0) & (weights < torch.finfo(torch.float32).tiny)).any()
+    torch.testing.assert_close(weights, unflushed, rtol=0, atol=torch.finfo(torch.float32).tiny)
+    reference, _ = attend(query, tokens, tokens.clone(), scale=1.0)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
+
+
+def test_attention_pooling_under_bf16_autocast():
+    source = torch.randn(1, 32, 100, requires_grad=True)
+    query = torch.randn(1, 1, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = source.mT
+        out, _ = attend(query, tokens, tokens, scale=1.0)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert source.grad.dtype == query.grad.dtype == torch.float32
+    assert torch.isfinite(source.grad).all() and torch.isfinite(query.grad).all()
