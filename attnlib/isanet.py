@@ -82,7 +82,8 @@ PAD_MODES = ("mask", "zeros")  # padded keys masked (attnlib), or attended to (o
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU()]
+    # ReLU in place, on BatchNorm's output (which BatchNorm's backward does not need): one map fewer
+    return [nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
 
 
 # The padded map, viewed as (B, C, g_h, d_h, g_w, d_w), is permuted so that the group comes first,
