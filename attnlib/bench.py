@@ -18,15 +18,23 @@ each keeps its best median, so that a burst of load on a shared machine, or whic
 first, does not decide the ratio.  Timings on shared machines are noisy: compare ratios taken
 within one run.
 
+``--keep-freed-memory`` (glibc only) makes ``malloc`` keep freed memory in the process, as
+jemalloc and TCMalloc do; see :func:`keep_freed_memory`.  Without it, on a CPU, a block whose
+step takes milliseconds can spend much of it in page faults, and how much depends on the
+allocation history of the whole run.
+
 Examples::
 
     python -m attnlib.bench                               # 1×512×97×97 and 1×512×64×64
     python -m attnlib.bench --sizes 1x512x64x64 2x128x45x60 --peers
+    python -m attnlib.bench --sizes 1x512x64x64 2x128x45x60 --peers --keep-freed-memory
     python -m attnlib.bench --sizes 1x512x45x60 --blocks nonlocal cca --json bench.json
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import logging
 import sys
@@ -84,6 +92,30 @@ class Row:
     gflops: float
     attention_mb: float | None  # None for the plain peer
     peak_mb: float | None
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's ``malloc`` keep freed memory mapped in this process, as jemalloc and TCMalloc do.
+
+    By default glibc gives large freed blocks back to the kernel (``munmap`` above its mmap
+    threshold, heap trimming above its trim threshold), so the next allocation of that size
+    faults in every 4 KiB page of it again.  A training step of a block allocates maps of
+    megabytes, and on a 2-core CPU those faults can cost a third of its time, more or less
+    depending on what the process allocated before.  With both thresholds raised, every
+    contender reuses memory that stays mapped, and the times measure the computation.
+    PyTorch's performance tuning guide recommends jemalloc or TCMalloc on CPUs for the same
+    reason.  This changes the whole process, for good: the command line asks for it, never
+    the library.
+    """
+    path = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(path), "mallopt", None) if path else None
+    if mallopt is None:
+        raise RuntimeError("--keep-freed-memory: expected glibc's mallopt, "
+                           f"but this C library ({path}) has none")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    for option, value in ((m_mmap_threshold, 1 << 30), (m_trim_threshold, (1 << 31) - 1)):
+        if mallopt(option, value) != 1:
+            raise RuntimeError(f"--keep-freed-memory: glibc's mallopt refused option {option} = {value}")
 
 
 def parse_size(text: str) -> tuple[int, int, int, int]:
@@ -234,13 +266,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per path; the best median counts")
     parser.add_argument("--peers", action="store_true",
                         help="also time each block's plain transcription (attnlib.peers), with the block's weights")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="keep freed memory mapped (glibc's mallopt), so that times leave out page faults")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
+    malloc = "malloc keeps freed memory" if args.keep_freed_memory else "default malloc"
     device = torch.device(args.device)
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"attnlib.bench on {name}, torch {torch.__version__}; median times of a forward pass (no_grad) "
-          f"and of a forward and backward pass", flush=True)
+    print(f"attnlib.bench on {name}, torch {torch.__version__}, {malloc}; median times of a forward pass "
+          f"(no_grad) and of a forward and backward pass", flush=True)
     rows = []
     for size in args.sizes:
         for block in args.blocks:
@@ -251,7 +288,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "rows": [asdict(r) for r in rows]}, f, indent=1)
+            json.dump({"device": name, "torch": torch.__version__, "malloc": malloc,
+                       "rows": [asdict(r) for r in rows]}, f, indent=1)
     return rows
 
 

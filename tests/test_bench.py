@@ -35,6 +35,33 @@ def test_peers_add_one_plain_row_per_block_with_its_ratio_to_the_fused_path(caps
         assert f"{plain[name].ms / fused[name].ms:.2f}x/{plain[name].train_ms / fused[name].train_ms:.2f}x" in line
 
 
+def test_keep_freed_memory_is_asked_for_on_the_command_line_and_said_in_the_header(tmp_path):
+    """In a child process: glibc's thresholds change for the whole process, which must not be pytest's."""
+    import ctypes.util
+    import subprocess
+    import sys
+
+    if ctypes.util.find_library("c") is None or not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt"):
+        pytest.skip("needs glibc's mallopt; this C library has none")
+    out = tmp_path / "bench.json"
+    args = ["--sizes", "1x8x4x4", "--blocks", "gc", "--min-run-time", "0.01", "--rounds", "1", "--device", "cpu",
+            "--json", str(out)]
+    printed = {}
+    for flag in ([], ["--keep-freed-memory"]):
+        done = subprocess.run([sys.executable, "-m", "attnlib.bench", *args, *flag], capture_output=True, text=True,
+                              check=True)
+        printed[bool(flag)] = (done.stdout.splitlines()[0], json.loads(out.read_text())["malloc"])
+    for asked, expected in ((False, "default malloc"), (True, "malloc keeps freed memory")):
+        header, recorded = printed[asked]
+        assert recorded == expected and expected in header
+
+
+def test_keep_freed_memory_without_mallopt_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(bench.ctypes.util, "find_library", lambda name: None)
+    with pytest.raises(RuntimeError, match="expected glibc's mallopt"):
+        bench.keep_freed_memory()
+
+
 def test_every_block_has_a_plain_peer():
     assert set(PEERS) == set(bench.BLOCKS)
 
