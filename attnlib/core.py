@@ -194,18 +194,15 @@ class _Pool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: torch.Tensor, tokens: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.scale, ctx.shares = scale, _position_shares(tokens)
-        # detached: torch's products take slower paths for tensors that require grad
-        weights = _pool_weights(query.detach(), tokens.detach(), scale, ctx.shares)
+        weights = _pool_weights(query, tokens, scale, ctx.shares)
         ctx.save_for_backward(query, tokens, weights)
-        return _row_times_tokens(weights.to(tokens.dtype), tokens.detach(), ctx.shares)
+        return _row_times_tokens(weights.to(tokens.dtype), tokens, ctx.shares)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         query, tokens, weights = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: α must depend on q and X in the new graph
             weights = _pool_weights(query, tokens, ctx.scale, ctx.shares)
-        else:
-            query, tokens = query.detach(), tokens.detach()
         # under autocast the grad comes in the product's dtype: work in the tokens'
         grad, weights = grad.to(tokens.dtype), weights.to(tokens.dtype)
         grad_weights = _row_times_tokens_t(grad, tokens, ctx.shares)  # ᾱ = ȳ Xᵀ
