@@ -100,7 +100,7 @@ def keep_freed_memory() -> None:
     By default glibc gives large freed blocks back to the kernel (``munmap`` above its mmap
     threshold, heap trimming above its trim threshold), so the next allocation of that size
     faults in every 4 KiB page of it again.  A training step of a block allocates maps of
-    megabytes, and on a 2-core CPU those faults can cost a third of its time, more or less
+    megabytes, and on a 2-core CPU those faults can cost up to a third of its time, more or less
     depending on what the process allocated before.  With both thresholds raised, every
     contender reuses memory that stays mapped, and the times measure the computation.
     PyTorch's performance tuning guide recommends jemalloc or TCMalloc on CPUs for the same

@@ -277,9 +277,9 @@ def attend(
             elsewhere).  Every query must keep at least one key.
         need_weights: also return the attention matrix :math:`A` (takes the
             reference path).
-        fused: use ``scaled_dot_product_attention`` when the weights are not needed,
-            :class:`_Gram` when the keys are the queries, and :class:`_Pool` when one query
-            pools tokens that are its keys and values.
+        fused: use ``scaled_dot_product_attention`` when the weights are not
+            needed, :class:`_Gram` when the keys are the queries, and
+            :class:`_Pool` when one query pools tokens that are its keys and values.
 
     Returns:
         ``(Y, A)``: ``Y`` is ``(..., N_q, d_v)``; ``A`` is ``(..., N_q, N_k)``, or
@@ -298,7 +298,8 @@ def attend(
         out = F.scaled_dot_product_attention(query, key, value,
                                              attn_mask=mask, scale=scale)
         return out, None
-    pooling = n_q == 1 and key is value and key is not query and mask is None and query.dim() == 3
+    pooling = (n_q == 1 and key is value and key is not query and mask is None
+               and query.dim() == 3)
     if fused and pooling and not need_weights:
         return _Pool.apply(query, key, scale), None  # attention pooling: see _Pool
     symmetric = fused and key is query  # S = s QQ^T: see _Gram

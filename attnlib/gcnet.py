@@ -314,9 +314,9 @@ def context_block_attention_memory(batch: int, channels: int, height: int, width
 
     Both paths store them: with a single query there is no larger matrix to leave out, and
     the fast path (:class:`attnlib.core._Pool`) keeps the same weights for its backward pass,
-    so ``fused`` changes nothing.  Average pooling
-    has no attention weights (0).  ``channels`` is accepted for a signature uniform with
-    the other blocks; the weights do not depend on it.
+    so ``fused`` changes nothing.  Average pooling has no attention weights (0).
+    ``channels`` is accepted for a signature uniform with the other blocks; the weights do
+    not depend on it.
     """
     if _check_pooling(pooling) == "avg":
         return 0
