@@ -129,6 +129,18 @@ class _Gram(torch.autograd.Function):
         return torch.matmul(grad + grad.mT, x.to(grad.dtype))
 
 
+def _flush_subnormals(weights: torch.Tensor, n_k: int, d_k: int) -> torch.Tensor:
+    """Weights below ``tiny`` set to 0, where the matrix is no larger than the queries (N_k ≤ d_k).
+
+    Subnormal weights make the product with the values crawl on a CPU; as 0 they change
+    nothing visible.  On those small matrices the extra pass is cheap (see the module's
+    docstring).  One pass: w if w > tiny else 0.
+    """
+    if n_k > d_k:
+        return weights
+    return F.threshold(weights, torch.finfo(weights.dtype).tiny, 0.0)
+
+
 _SHARED_ELEMENTS = 1 << 20  # 4 MiB of float32
 
 
@@ -173,10 +185,7 @@ def _pool_weights(query: torch.Tensor, tokens: torch.Tensor, scale: float, share
     logits = _row_times_tokens_t(query, tokens, shares)
     if scale != 1.0:
         logits = logits * scale
-    weights = logits.softmax(dim=-1)
-    if tokens.shape[-2] <= tokens.shape[-1]:  # no more positions than channels: no subnormal weights
-        weights = F.threshold(weights, torch.finfo(weights.dtype).tiny, 0.0)
-    return weights
+    return _flush_subnormals(logits.softmax(dim=-1), tokens.shape[-2], tokens.shape[-1])
 
 
 class _Pool(torch.autograd.Function):
@@ -315,10 +324,7 @@ def attend(
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)  # A = softmax(S), row-wise
-    if n_k <= d_k:  # a matrix no larger than the queries: the extra pass is cheap
-        # Subnormal weights (< tiny) make the product below crawl on a CPU;
-        # as 0 they change nothing visible.  One pass: w if w > tiny else 0.
-        weights = F.threshold(weights, torch.finfo(weights.dtype).tiny, 0.0)
+    weights = _flush_subnormals(weights, n_k, d_k)  # small matrices only
     a = weights if weights.dtype == value.dtype else weights.to(value.dtype)
     if n_q <= d_v and value.stride(-2) == 1 and value.stride(-1) != 1:
         # V is a B×d_v×N_k feature map seen as tokens: Y = (VᵀAᵀ)ᵀ reads V, and

@@ -41,7 +41,8 @@ def test_keep_freed_memory_is_asked_for_on_the_command_line_and_said_in_the_head
     import subprocess
     import sys
 
-    if ctypes.util.find_library("c") is None or not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt"):
+    libc = ctypes.util.find_library("c")
+    if libc is None or not hasattr(ctypes.CDLL(libc), "mallopt"):
         pytest.skip("needs glibc's mallopt; this C library has none")
     out = tmp_path / "bench.json"
     args = ["--sizes", "1x8x4x4", "--blocks", "gc", "--min-run-time", "0.01", "--rounds", "1", "--device", "cpu",
