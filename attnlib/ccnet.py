@@ -155,10 +155,9 @@ class CrissCrossAttention(nn.Module):
         # values on the left so that the products come out channels-first, as the map.
         y_col = v_col @ a_col.permute(0, 2, 3, 1)  # B×W×C×H: [b,j,c,i]
         y_row = v.permute(0, 2, 1, 3) @ a_row.transpose(-1, -2)  # B×H×C×W: [b,i,c,j]
-        # One copy to contiguous B×C×H×W, so that the next layer's convolutions (RCCA's
-        # next loop) neither run on nor pass on a permuted layout.
-        y = y_row.permute(0, 2, 1, 3) + y_col.permute(0, 2, 3, 1)
-        return y.contiguous(), attention
+        # B×C×H×W in y_row's layout: the residual (see _forward) reads it as it is and
+        # writes the contiguous map, so RCCA's next loop does not run on a permuted one.
+        return y_row.permute(0, 2, 1, 3) + y_col.permute(0, 2, 3, 1), attention
 
     @staticmethod
     def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_weights: bool):
@@ -180,7 +179,9 @@ class CrissCrossAttention(nn.Module):
             y, weights = self._factorised(q, k, v)[0], None
         else:
             y, weights = self._dense(q, k, v, need_weights)
-        return self.gamma * y + x, weights  # H' = γ · aggregation + H  (eq. 2)
+        # H' = γ · aggregation + H  (eq. 2) in one pass, with no γ·y temporary; it reads
+        # y in any layout and writes H' in x's
+        return torch.addcmul(x, self.gamma, y), weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x, need_weights=False)[0]

@@ -119,7 +119,8 @@ class PositionAttention(nn.Module):
         out, weights = attend(query, key, value, scale=1.0,
                               need_weights=need_weights, fused=self.fused)
         out = out.transpose(1, 2).reshape(b, c, h, w)
-        return self.alpha * out + x, weights  # E_j = α Σ_i s_ji D_i + A_j  (eq. 2)
+        # E_j = α Σ_i s_ji D_i + A_j  (eq. 2), in one pass: no α·out temporary
+        return torch.addcmul(x, self.alpha, out), weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x, need_weights=False)[0]
@@ -196,7 +197,7 @@ class ChannelAttention(nn.Module):
         out, weights = attend(a, a, a, scale=sign,
                               need_weights=need_weights, fused=self.fused)
         # E_j = β Σ_i x_ji A_i + A_j  (eq. 4): the rows of X weigh A, i.e. X A
-        return self.beta * out.reshape(b, c, h, w) + x, weights
+        return torch.addcmul(x, self.beta, out.reshape(b, c, h, w)), weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x, need_weights=False)[0]

@@ -160,6 +160,16 @@ def test_fused_equals_reference_float64(recurrence):
         torch.testing.assert_close(set_fused(block, True)(x), set_fused(block, False)(x), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_output_takes_the_input_layout(fused):
+    """The factorised sum comes out permuted; the residual writes H' in x's layout, so the next
+    loop's convolutions get a contiguous map, and a channels-last input stays channels-last."""
+    block = set_fused(random_block(RecurrentCrissCross, recurrence=2), fused)
+    x = torch.randn(2, 8, 7, 5, dtype=torch.float64, requires_grad=True)
+    assert block(x).is_contiguous()
+    assert block(x.detach().to(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+
+
 @torch.no_grad()
 def test_recurrent_attention_map_composes_the_loops():
     block = random_block(RecurrentCrissCross, recurrence=2)
