@@ -46,7 +46,7 @@ def training_plan(profile: str, models: str) -> Schedule:
     """
     schedule = PROFILES[check_profile(profile)]
     h, w = schedule.crop_size
-    print(f"profile {profile!r}: {models}, {schedule.steps:,} steps of {schedule.batch_size} crops of {h}x{w} "
+    print(f"profile {profile!r}: {models}, {schedule.steps:,} steps of {schedule.batch_size} crops of {h}×{w} "
           f"each, unless cached in {cache_dir()}")
     if profile in SECONDS_PER_MODEL:
         print(f"expect about {SECONDS_PER_MODEL[profile]} s per model on an idle 2-core CPU "

@@ -141,7 +141,7 @@ def test_training_plan_quotes_the_schedule_and_the_measured_time_and_returns_the
 
     assert book.training_plan("quick", "two models (FCN, CCNet)") is PROFILES["quick"]
     plan = capsys.readouterr().out
-    assert "two models (FCN, CCNet), 40 steps of 4 crops of 96x128 each" in plan
+    assert "two models (FCN, CCNet), 40 steps of 4 crops of 96×128 each" in plan
     assert f"about {book.SECONDS_PER_MODEL['quick']} s per model" in plan
     book.training_plan("full", "seven models")
     assert "not been measured yet" in capsys.readouterr().out
