@@ -20,7 +20,9 @@ Two paths compute it:
 * the **reference path** writes the three steps out literally, materialises the
   :math:`N_q\times N_k` matrix :math:`A` and can return it (the chapters plot it);
 * the **fused path** calls :func:`torch.nn.functional.scaled_dot_product_attention`,
-  which on recent PyTorch never stores :math:`A` (flash / memory-efficient kernels).
+  which on recent PyTorch never stores :math:`A` (flash / memory-efficient kernels); in
+  training their backward pass recomputes :math:`QK^\top` instead, one more
+  :math:`N_q\times N_k\times d_k` product per step.
 
 ``attend`` takes the fused path unless the weights are asked for or ``fused=False`` — or the
 attention matrix is no larger than the queries (a single query, or no more keys than query
