@@ -454,8 +454,10 @@ def apnb_attention_memory(batch: int, channels: int, height: int, width: int, *,
 
     The fused path stores none — unless there are no more samples S than key channels (110 keys
     against 256 channels in the paper's setting), where the core takes its plain path on either
-    setting because the matrix is smaller than the queries, and, on a CPU, unless ``value_channels``
-    differs from ``key_channels`` (no flash kernel; ``None`` means equal; :func:`attnlib.core.takes_fused_path`).
+    setting because the matrix is smaller than the queries, and, on a CPU, where S is no larger
+    than ``key_channels + value_channels`` (110 against 64 + 64 in this book's model) or
+    ``value_channels`` differs from ``key_channels`` (the flash kernel runs only where its
+    recomputed product pays; ``None`` means equal; :func:`attnlib.core.takes_fused_path`).
     ``channels`` does not enter; it keeps the signature of the other formulas.
     """
     return attention_matrix_bytes(batch, height * width, num_samples(pool_sizes), key_channels, d_v=value_channels,

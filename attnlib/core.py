@@ -28,7 +28,10 @@ Two paths compute it:
 attention matrix is no larger than the queries (a single query, or no more keys than query
 channels): then there is nothing to save, and two plain products are as fast — or no
 memory-saving kernel exists for these operands on this device (see :func:`takes_fused_path`):
-then SDPA would store the matrix anyway, more slowly than the plain path.
+then SDPA would store the matrix anyway, more slowly than the plain path — or, on a CPU, the
+matrix is no larger than the queries and outputs together (:math:`N_k \le d_k + d_v`): there
+the kernel's backward pass, which recomputes :math:`QK^\top`, costs more time than the little
+memory it saves is worth.
 The test-suite holds the two equal (float32, ``atol=1e-5``).
 
 Three details of the plain path make it fast without changing what it computes:
@@ -244,13 +247,23 @@ def takes_fused_path(n_q: int, n_k: int, d_k: int, *, d_v: int | None = None,
     * on a CPU (torch 2.14) the memory-saving (flash) kernel needs value width ``d_v`` equal to
       ``d_k``; otherwise (DANet's position attention, 64 vs 512) SDPA falls back to its math
       kernel, which stores the matrix and is slower than the plain path.  On CUDA the
-      memory-efficient kernel takes any ``d_v``, so there the fused path stays.
+      memory-efficient kernel takes any ``d_v``, so there the fused path stays;
+    * on a CPU, where the products dominate, the kernel's backward pass pays one more
+      :math:`N_q\times N_k\times d_k` product, the recomputed :math:`QK^\top` (seven products per
+      training step instead of six).  It is worth that only where the matrix it saves is larger
+      than the queries and outputs the block holds anyway, :math:`N_k > d_k + d_v`; ANN's 110
+      pooled keys at 64 channels are not (measured on a 2-core CPU, APNB at 2×128×45×60: 27.4 ms
+      per training step on the plain path, 29.1 ms through the kernel).  On CUDA, where the
+      kernel is faster in both directions, it is taken whenever it saves anything.
 
     ``d_v=None`` means ``d_v == d_k``.  Whatever ``fused`` says, the other cases take the plain path.
     """
     if not fused or need_weights or n_q == 1 or n_k <= d_k:
         return False
-    return d_v is None or d_v == d_k or torch.device(device).type == "cuda"  # a kernel that saves it
+    if torch.device(device).type == "cuda":
+        return True  # a memory-efficient kernel for any d_v
+    d_v = d_k if d_v is None else d_v
+    return d_v == d_k and n_k > d_k + d_v  # the flash kernel, where its recompute pays
 
 
 def attention_matrix_bytes(count: int, n_q: int, n_k: int, d_k: int, *, d_v: int | None = None,

@@ -358,8 +358,10 @@ def interlaced_sparse_attention_memory(batch: int, channels: int, height: int, w
     \approx \sqrt N` that is :math:`O(N^{1.5})` against :math:`O(N^2)`.  The fused path stores none
     (``scaled_dot_product_attention``'s kernels tile the matrices) — except for a stage whose
     groups have no more positions than ``key_channels``, where the core's plain path is as fast
-    and the matrices are small, and, on a CPU, unless ``value_channels`` differs from ``key_channels``
-    (no flash kernel; ``None`` means equal; :func:`attnlib.core.takes_fused_path`).  ``channels`` does not enter.
+    and the matrices are small, and, on a CPU, for a stage whose groups have no more positions than
+    ``key_channels + value_channels`` or whose ``value_channels`` differs from ``key_channels``
+    (the flash kernel runs only where its recomputed product pays; ``None`` means equal;
+    :func:`attnlib.core.takes_fused_path`).  ``channels`` does not enter.
     """
     g, p = _groups(height, width, down_factor)
     rule = dict(d_v=value_channels, device=device, fused=fused, bytes_per_element=bytes_per_element)

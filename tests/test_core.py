@@ -103,12 +103,12 @@ def test_bf16_autocast():
 
 
 @pytest.mark.parametrize("n_q, n_k, d_k, d_v, expected", [
-    (7, 9, 5, 5, True),     # more keys than channels: SDPA saves the 7×9 matrix
-    (1, 9, 5, 5, False),    # a single query (GCNet): nothing to save
-    (7, 4, 5, 5, False),    # fewer keys than query channels (CAM, ANN's pooled keys)
+    (7, 11, 5, 5, True),    # more keys than d_k + d_v: SDPA saves the 7×11 matrix
+    (1, 11, 5, 5, False),   # a single query (GCNet): nothing to save
+    (7, 4, 5, 5, False),    # fewer keys than query channels (CAM, ANN's pooled keys at 256 channels)
     (7, 5, 5, 5, False),    # as many keys as channels: the matrix is the queries' size, nothing saved
-    (7, 6, 5, 5, True),
-    (7, 9, 5, 3, False),    # d_v ≠ d_k (DANet's PAM): no CPU flash kernel, SDPA would store the matrix
+    (7, 10, 5, 5, False),   # N_k = d_k + d_v (ANN's 110 keys at 64 + 64): not worth the recompute on a CPU
+    (7, 11, 5, 3, False),   # d_v ≠ d_k (DANet's PAM): no CPU flash kernel, SDPA would store the matrix
 ])
 def test_fused_kernel_is_called_exactly_when_the_rule_says(monkeypatch, n_q, n_k, d_k, d_v, expected):
     import attnlib.core as core
@@ -127,6 +127,8 @@ def test_cuda_has_a_memory_saving_kernel_for_any_value_width():
     from attnlib.core import attention_matrix_bytes, takes_fused_path
 
     assert takes_fused_path(7, 9, 5, d_v=3, device="cuda") and not takes_fused_path(7, 9, 5, d_v=3, device="cpu")
+    # and, being faster in both directions there, it is taken for any matrix larger than the queries
+    assert takes_fused_path(7, 6, 5, device="cuda") and not takes_fused_path(7, 10, 5, device="cpu")
     assert attention_matrix_bytes(2, 7, 9, 5, d_v=3, device=torch.device("cuda"), fused=True) == 0
 
 

@@ -192,12 +192,17 @@ def test_attention_memory_formula():
     kw = {"key_channels": 64}
     assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=(8, 8), **kw) == (p * g * g + g * p * p) * 4
     assert interlaced_sparse_attention_memory(1, 512, 250, 121, down_factor=8, **kw) == (p * g * g + g * p * p) * 4
-    assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=8, fused=True, key_channels=32) == 0
-    # 64 or more key channels: the 64-position short-range groups' P×P matrices are no larger than their
-    # queries, so they take the core's plain path and are stored; the long-range ones are not
-    for key_channels in (64, 256):
+    assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=8, fused=True, key_channels=16) == 0
+    # On a CPU a stage takes the flash kernel only where its groups have more positions than
+    # key_channels + value_channels: from 32 + 32 channels on, the 64-position short-range matrices are
+    # stored; from 256 + 256 on, the 512-position long-range ones too.  On CUDA neither is, below 64 and 512.
+    for key_channels in (32, 64, 255):
         assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=8, fused=True,
                                                   key_channels=key_channels) == g * p * p * 4
+    assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=8, fused=True,
+                                              key_channels=256) == (p * g * g + g * p * p) * 4
+    assert interlaced_sparse_attention_memory(1, 512, 256, 128, down_factor=8, fused=True, key_channels=63,
+                                              device="cuda") == 0
 
 
 def test_memory_formula_follows_the_kernel_that_runs(monkeypatch):
@@ -207,15 +212,16 @@ def test_memory_formula_follows_the_kernel_that_runs(monkeypatch):
     calls = []
     sdpa = core.F.scaled_dot_product_attention
     monkeypatch.setattr(core.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
-    unequal = InterlacedSparseAttention(8, 2, 6, 8, down_factor=(2, 2)).eval()  # 4-position groups >= 2 key channels
-    equal = InterlacedSparseAttention(8, 2, 2, 8, down_factor=(2, 2)).eval()
+    # 4-position groups: more than 1 + 1 key and value channels, so with equal widths the flash kernel runs
+    unequal = InterlacedSparseAttention(8, 1, 6, 8, down_factor=(2, 2)).eval()
+    equal = InterlacedSparseAttention(8, 1, 1, 8, down_factor=(2, 2)).eval()
     with torch.no_grad():
         unequal(torch.randn(1, 8, 4, 4))
         assert not calls
         equal(torch.randn(1, 8, 4, 4))
         assert len(calls) == 2  # both stages
     assert unequal.attention_memory(1, 4, 4) == (4 * 4 * 4 + 4 * 4 * 4) * 4 and equal.attention_memory(1, 4, 4) == 0
-    assert interlaced_sparse_attention_memory(1, 8, 4, 4, key_channels=2, value_channels=6, down_factor=(2, 2),
+    assert interlaced_sparse_attention_memory(1, 8, 4, 4, key_channels=1, value_channels=6, down_factor=(2, 2),
                                               fused=True, device="cuda") == 0
 
 
