@@ -252,7 +252,7 @@ def takes_fused_path(n_q: int, n_k: int, d_k: int, *, d_v: int | None = None,
       :math:`N_q\times N_k\times d_k` product, the recomputed :math:`QK^\top` (seven products per
       training step instead of six).  It is worth that only where the matrix it saves is larger
       than the queries and outputs the block holds anyway, :math:`N_k > d_k + d_v`; ANN's 110
-      pooled keys at 64 channels are not (measured on a 2-core CPU, APNB at 2×128×45×60: 27.4 ms
+      pooled keys at 64 + 64 channels are not (measured on a 2-core CPU, APNB at 2×128×45×60: 27.4 ms
       per training step on the plain path, 29.1 ms through the kernel).  On CUDA, where the
       kernel is faster in both directions, it is taken whenever it saves anything.
 
