@@ -34,7 +34,7 @@ the kernel's backward pass, which recomputes :math:`QK^\top`, costs more time th
 memory it saves is worth.
 The test-suite holds the two equal (float32, ``atol=1e-5``).
 
-Three details of the plain path make it fast without changing what it computes:
+Four details of the plain path make it fast without changing what it computes:
 
 * the scale multiplies the smaller of the :math:`N_q\times d_k` queries and the
   :math:`N_q\times N_k` scores (:math:`(sQ)K^\top = s\,QK^\top`): the queries when
@@ -53,7 +53,14 @@ Three details of the plain path make it fast without changing what it computes:
   extra pass is cheap; on the large :math:`N\times N` ones (position attention, the reference
   paths) it would cost more than half as much as the softmax, so they do without, like every other
   implementation.  The flush is local to ``attend``: the process-wide switch
-  (``torch.set_flush_denormal``) stays as the user set it.
+  (``torch.set_flush_denormal``) stays as the user set it;
+* without autograd (``torch.no_grad``, or operands that need no gradient), the scores are a
+  temporary that nothing else holds: the scale, the mask, the softmax and the flush overwrite
+  them, so inference allocates one :math:`N_q\times N_k` matrix instead of one per step.  On
+  the 2-core CPU where it was measured, DANet's position attention (1×512×64×64 and
+  2×128×45×60) ran its forward pass 1.13–1.3× faster for it with the default allocator, which
+  hands every fresh large matrix back to the system and pays page faults to touch it again,
+  and 1.01–1.02× faster with freed memory kept.
 
 Two more, on the fast setting only (``fused=True``); ``fused=False`` keeps the literal
 products, and the tests hold the two equal:
@@ -134,7 +141,7 @@ class _Gram(torch.autograd.Function):
         return torch.matmul(grad + grad.mT, x.to(grad.dtype))
 
 
-def _flush_subnormals(weights: torch.Tensor, n_k: int, d_k: int) -> torch.Tensor:
+def _flush_subnormals(weights: torch.Tensor, n_k: int, d_k: int, in_place: bool = False) -> torch.Tensor:
     """Weights below ``tiny`` set to 0, where the matrix is no larger than the queries (N_k ≤ d_k).
 
     Subnormal weights make the product with the values crawl on a CPU; as 0 they change
@@ -143,7 +150,20 @@ def _flush_subnormals(weights: torch.Tensor, n_k: int, d_k: int) -> torch.Tensor
     """
     if n_k > d_k:
         return weights
-    return F.threshold(weights, torch.finfo(weights.dtype).tiny, 0.0)
+    return F.threshold(weights, torch.finfo(weights.dtype).tiny, 0.0, inplace=in_place)
+
+
+def _softmax_rows(scores: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """Row-wise softmax of ``scores``, written over them when ``in_place`` and they are contiguous.
+
+    Along each row the kernel reads every score before it writes that weight (the maximum,
+    then the exponentials, then their scaling), so its output may be its input.  Only for
+    a contiguous matrix: ``_softmax.out`` writes a strided output as if it were contiguous
+    (torch 2.14).  The test-suite holds the two ways bitwise equal.
+    """
+    if in_place and scores.is_contiguous():
+        return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+    return scores.softmax(dim=-1)
 
 
 _SHARED_ELEMENTS = 1 << 20  # 4 MiB of float32
@@ -334,12 +354,16 @@ def attend(
         scores = _Gram.apply(query)
     else:
         scores = torch.matmul(query, key.transpose(-2, -1))  # S = s Q K^T
+    # Without autograd, S is a temporary nobody else holds: each step overwrites it
+    # instead of allocating another N_q×N_k matrix.
+    in_place = not (torch.is_grad_enabled() and
+                    (query.requires_grad or key.requires_grad or value.requires_grad))
     if scale_scores:
-        scores = scores * scale
+        scores = scores.mul_(scale) if in_place else scores * scale
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(dim=-1)  # A = softmax(S), row-wise
-    weights = _flush_subnormals(weights, n_k, d_k)  # small matrices only
+        scores = (scores.masked_fill_ if in_place else scores.masked_fill)(~mask, float("-inf"))
+    weights = _softmax_rows(scores, in_place)  # A = softmax(S), row-wise
+    weights = _flush_subnormals(weights, n_k, d_k, in_place)  # small matrices only
     a = weights if weights.dtype == value.dtype else weights.to(value.dtype)
     if n_q <= d_v and value.stride(-2) == 1 and value.stride(-1) != 1:
         # V is a B×d_v×N_k feature map seen as tokens: Y = (VᵀAᵀ)ᵀ reads V, and

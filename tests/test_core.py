@@ -343,3 +343,49 @@ def test_attention_pooling_under_bf16_autocast():
     assert out.dtype == torch.bfloat16
     assert source.grad.dtype == query.grad.dtype == torch.float32
     assert torch.isfinite(source.grad).all() and torch.isfinite(query.grad).all()
+
+
+@pytest.mark.parametrize("case", ["scale queries", "scale scores", "mask", "symmetric", "flush", "weights"])
+def test_without_autograd_each_step_overwrites_the_scores_and_nothing_else(case):
+    """No autograd: the scores are overwritten step by step, with the same result, and no operand changes."""
+    g = torch.Generator().manual_seed(0)
+    n_k = 3 if case == "scale scores" else 40
+    q, k, v = (torch.randn(2, 30, 8, generator=g), torch.randn(2, n_k, 8, generator=g),
+               torch.randn(2, n_k, 6, generator=g))
+    kwargs = {"scale": 0.3, "need_weights": case == "weights"}
+    if case == "mask":
+        kwargs["mask"] = torch.rand(30, n_k, generator=g) > 0.5
+        kwargs["mask"][:, 0] = True
+    if case == "symmetric":
+        k, v = q, torch.randn(2, 30, 6, generator=g)
+    if case == "flush":  # DANet's CAM, official sign: 6 channels of 80 positions
+        k = v = torch.randn(2, 6, 80, generator=g)
+        q, kwargs["scale"] = k.neg(), 1.0
+    before = [t.clone() for t in (q, k, v)]
+    with torch.no_grad():
+        out, weights = attend(q, k, v, **kwargs)
+    tracked = [t.clone().requires_grad_() for t in (q, k, v)]
+    if case == "symmetric":
+        tracked[1] = tracked[0]
+    if case == "flush":
+        tracked[1] = tracked[2] = tracked[0].neg()
+    expected, expected_weights = attend(*tracked, **kwargs)
+    assert torch.equal(out, expected)
+    if case == "weights":
+        assert torch.equal(weights, expected_weights)
+    for t, t0 in zip((q, k, v), before):
+        assert torch.equal(t, t0)
+
+
+def test_softmax_over_the_scores_is_the_softmax_and_falls_back_for_a_strided_matrix():
+    from attnlib.core import _softmax_rows
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for n in (7, 2700):  # CUDA: the register kernel (≤ 1024 columns) and the block kernel
+            scores = torch.randn(3, 5, n, device=device)
+            expected = scores.softmax(-1)
+            result = _softmax_rows(scores, in_place=True)
+            assert result.data_ptr() == scores.data_ptr() and torch.equal(result, expected)
+        strided = torch.randn(3, 40, 5, device=device).mT  # _softmax.out would get this wrong
+        result = _softmax_rows(strided, in_place=True)
+        assert torch.equal(result, strided.softmax(-1))
