@@ -60,7 +60,7 @@ Four details of the plain path make it fast without changing what it computes:
   the 2-core CPU where it was measured, DANet's position attention (1×512×64×64 and
   2×128×45×60) ran its forward pass 1.13–1.3× faster for it with the default allocator, which
   hands every fresh large matrix back to the system and pays page faults to touch it again,
-  and 1.01–1.02× faster with freed memory kept.
+  and 1.01× faster with freed memory kept.
 
 Two more, on the fast setting only (``fused=True``); ``fused=False`` keeps the literal
 products, and the tests hold the two equal:
@@ -361,7 +361,8 @@ def attend(
     if scale_scores:
         scores = scores.mul_(scale) if in_place else scores * scale
     if mask is not None:
-        scores = (scores.masked_fill_ if in_place else scores.masked_fill)(~mask, float("-inf"))
+        fill = scores.masked_fill_ if in_place else scores.masked_fill
+        scores = fill(~mask, float("-inf"))
     weights = _softmax_rows(scores, in_place)  # A = softmax(S), row-wise
     weights = _flush_subnormals(weights, n_k, d_k, in_place)  # small matrices only
     a = weights if weights.dtype == value.dtype else weights.to(value.dtype)
