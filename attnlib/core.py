@@ -54,10 +54,10 @@ Four details of the plain path make it fast without changing what it computes:
   paths) it would cost more than half as much as the softmax, so they do without, like every other
   implementation.  The flush is local to ``attend``: the process-wide switch
   (``torch.set_flush_denormal``) stays as the user set it;
-* without autograd (``torch.no_grad``, or operands that need no gradient), the scores are a
-  temporary that nothing else holds: the scale, the mask, the softmax and the flush overwrite
-  them, so inference allocates one :math:`N_q\times N_k` matrix instead of one per step.  On
-  the 2-core CPU where it was measured, DANet's position attention (1×512×64×64 and
+* where the scores need no gradient (``torch.no_grad``, or queries and keys that need none),
+  they are a temporary that nothing else holds: the scale, the mask, the softmax and the flush
+  overwrite them, so inference allocates one :math:`N_q\times N_k` matrix instead of one per
+  step.  On the 2-core CPU where it was measured, DANet's position attention (1×512×64×64 and
   2×128×45×60) ran its forward pass 1.13–1.3× faster for it with the default allocator, which
   hands every fresh large matrix back to the system and pays page faults to touch it again,
   and 1.01× faster with freed memory kept.
@@ -354,10 +354,9 @@ def attend(
         scores = _Gram.apply(query)
     else:
         scores = torch.matmul(query, key.transpose(-2, -1))  # S = s Q K^T
-    # Without autograd, S is a temporary nobody else holds: each step overwrites it
-    # instead of allocating another N_q×N_k matrix.
-    in_place = not (torch.is_grad_enabled() and
-                    (query.requires_grad or key.requires_grad or value.requires_grad))
+    # Outside autograd's graph, S is a temporary nobody else holds: each step
+    # overwrites it instead of allocating another N_q×N_k matrix.
+    in_place = not scores.requires_grad
     if scale_scores:
         scores = scores.mul_(scale) if in_place else scores * scale
     if mask is not None:
