@@ -145,10 +145,11 @@ class PositionAttention(nn.Module):
         """Analytic FLOPs of :meth:`forward` at this size; see :func:`position_attention_flops`."""
         return position_attention_flops(batch, self.in_channels, height, width, reduction=self.reduction)
 
-    def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
+    def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4, *,
+                         training: bool = False) -> int:
         """Bytes of attention matrix :meth:`forward` stores; see :func:`position_attention_attention_memory`."""
         return position_attention_attention_memory(batch, self.in_channels, height, width, reduction=self.reduction,
-                                                   fused=self.fused, device=self.alpha.device,
+                                                   fused=self.fused, device=self.alpha.device, training=training,
                                                    bytes_per_element=bytes_per_element)
 
     def extra_repr(self) -> str:
@@ -295,9 +296,11 @@ class DualAttentionHead(nn.Module):
         return dual_attention_head_flops(batch, self.in_channels, height, width, channels=self.out_channels,
                                          reduction=self.reduction, fused=self.cam.fused)
 
-    def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
+    def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4, *,
+                         training: bool = False) -> int:
         """Bytes of the PAM's and the CAM's attention matrices, each on its own path."""
-        return sum(m.attention_memory(batch, height, width, bytes_per_element) for m in (self.pam, self.cam))
+        return (self.pam.attention_memory(batch, height, width, bytes_per_element, training=training)
+                + self.cam.attention_memory(batch, height, width, bytes_per_element))
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, channels={self.out_channels}, reduction={self.reduction}, "
@@ -320,16 +323,19 @@ def position_attention_flops(batch: int, channels: int, height: int, width: int,
 
 def position_attention_attention_memory(batch: int, channels: int, height: int, width: int, *, reduction: int = 8,
                                         fused: bool = False, device: torch.device | str = "cpu",
-                                        bytes_per_element: int = 4) -> int:
+                                        training: bool = False, bytes_per_element: int = 4) -> int:
     """Bytes of the B×N×N map S the reference path materialises — :math:`O(N^2)`.
 
     The fused path stores none on CUDA, but stores S on a CPU too: there the values (C wide) and
     the keys (C/r wide) differ in width, which PyTorch's CPU flash kernel does not take, so the
     core computes S plainly (see :func:`attnlib.core.takes_fused_path`).
+
+    ``training=True`` describes a step that computes gradients: on a CPU, a head wider than 128
+    channels then keeps its matrix rather than recompute it (:func:`attnlib.core.takes_fused_path`).
     """
     n = height * width
     return attention_matrix_bytes(batch, n, n, reduced_channels(channels, reduction), d_v=channels, device=device,
-                                  fused=fused, bytes_per_element=bytes_per_element)
+                                  fused=fused, training=training, bytes_per_element=bytes_per_element)
 
 
 def channel_attention_flops(batch: int, channels: int, height: int, width: int, *,
@@ -377,7 +383,7 @@ def dual_attention_head_flops(batch: int, in_channels: int, height: int, width: 
 
 def dual_attention_head_attention_memory(batch: int, in_channels: int, height: int, width: int, *, channels: int,
                                          reduction: int = 8, fused: bool = False, device: torch.device | str = "cpu",
-                                         bytes_per_element: int = 4) -> int:
+                                         training: bool = False, bytes_per_element: int = 4) -> int:
     """Bytes of the PAM's B×N×N and the CAM's B×C'×C' maps, each by the core's rule.
 
     On the fused path the PAM stores none on CUDA (but does on a CPU, see
@@ -387,6 +393,6 @@ def dual_attention_head_attention_memory(batch: int, in_channels: int, height: i
     ``in_channels`` is accepted for a signature uniform with the other blocks; the maps do not depend on it.
     """
     return (position_attention_attention_memory(batch, channels, height, width, reduction=reduction, fused=fused,
-                                                device=device, bytes_per_element=bytes_per_element)
+                                                device=device, training=training, bytes_per_element=bytes_per_element)
             + channel_attention_attention_memory(batch, channels, height, width, fused=fused,
                                                  bytes_per_element=bytes_per_element))

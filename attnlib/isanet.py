@@ -303,12 +303,13 @@ class InterlacedSparseAttention(nn.Module):
                                        value_channels=self.value_channels, out_channels=self.out_channels,
                                        down_factor=self.down_factor)
 
-    def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
+    def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4, *,
+                         training: bool = False) -> int:
         """Bytes of attention :meth:`forward` stores; see :func:`interlaced_sparse_attention_memory`."""
         return interlaced_sparse_attention_memory(batch, self.in_channels, height, width, key_channels=self.key_channels,
                                                   value_channels=self.value_channels, down_factor=self.down_factor,
                                                   fused=self.fused, device=self.long_range.value.weight.device,
-                                                  bytes_per_element=bytes_per_element)
+                                                  training=training, bytes_per_element=bytes_per_element)
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, key_channels={self.key_channels}, value_channels={self.value_channels}, "
@@ -350,7 +351,8 @@ def interlaced_sparse_flops(batch: int, channels: int, height: int, width: int, 
 
 def interlaced_sparse_attention_memory(batch: int, channels: int, height: int, width: int, *, key_channels: int,
                                        value_channels: int | None = None, down_factor=(8, 8), fused: bool = False,
-                                       device: torch.device | str = "cpu", bytes_per_element: int = 4) -> int:
+                                       device: torch.device | str = "cpu", training: bool = False,
+                                       bytes_per_element: int = 4) -> int:
     r"""Bytes of the attention weights the reference path stores: :math:`B\,(P\,G^2 + G\,P^2)` elements.
 
     Long range: :math:`P = d_h d_w` matrices of :math:`G\times G` (:math:`G = g_h g_w`, padded);
@@ -362,9 +364,12 @@ def interlaced_sparse_attention_memory(batch: int, channels: int, height: int, w
     ``key_channels + value_channels`` or whose ``value_channels`` differs from ``key_channels``
     (the flash kernel runs only where its recomputed product pays; ``None`` means equal;
     :func:`attnlib.core.takes_fused_path`).  ``channels`` does not enter.
+
+    ``training=True`` describes a step that computes gradients: on a CPU, a head wider than 128
+    channels then keeps its matrix rather than recompute it (:func:`attnlib.core.takes_fused_path`).
     """
     g, p = _groups(height, width, down_factor)
-    rule = dict(d_v=value_channels, device=device, fused=fused, bytes_per_element=bytes_per_element)
+    rule = dict(d_v=value_channels, device=device, fused=fused, training=training, bytes_per_element=bytes_per_element)
     long_range = attention_matrix_bytes(batch * p, g, g, key_channels, **rule)
     short_range = attention_matrix_bytes(batch * g, p, p, key_channels, **rule)
     return long_range + short_range

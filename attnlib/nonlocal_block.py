@@ -231,11 +231,12 @@ class NonLocal2d(nn.Module):
                               mode=self.mode, sub_sample=self.sub_sample, pool_input=self.pool_input,
                               fused=self.fused)
 
-    def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
+    def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4, *,
+                         training: bool = False) -> int:
         """Bytes of attention matrix :meth:`forward` stores; see :func:`nonlocal_attention_memory`."""
         return nonlocal_attention_memory(batch, self.in_channels, height, width, inter_channels=self.inter_channels,
                                          mode=self.mode, sub_sample=self.sub_sample, fused=self.fused,
-                                         device=self.g.weight.device,
+                                         device=self.g.weight.device, training=training,
                                          bytes_per_element=bytes_per_element)
 
     def extra_repr(self) -> str:
@@ -293,12 +294,16 @@ def nonlocal_flops(batch: int, channels: int, height: int, width: int, *, inter_
 
 def nonlocal_attention_memory(batch: int, channels: int, height: int, width: int, *, inter_channels: int | None = None,
                               mode: str = "embedded_gaussian", sub_sample: bool = False, fused: bool = False,
-                              device: torch.device | str = "cpu", bytes_per_element: int = 4) -> int:
+                              device: torch.device | str = "cpu", training: bool = False,
+                              bytes_per_element: int = 4) -> int:
     """Bytes of the B×N×N_k attention matrix the reference path materialises — :math:`O(N^2)`.
 
     The fused paths store none (``scaled_dot_product_attention``'s kernels tile it, see
     :func:`attnlib.core.takes_fused_path`; the reassociated dot product never forms it): 0.
     ``concatenation`` always forms it.
+
+    ``training=True`` describes a step that computes gradients: on a CPU, a head wider than 128
+    channels then keeps its matrix rather than recompute it (:func:`attnlib.core.takes_fused_path`).
     """
     n, n_k = height * width, _num_keys(height, width, sub_sample)
     if _check_mode(mode) == "dot_product":
@@ -307,5 +312,5 @@ def nonlocal_attention_memory(batch: int, channels: int, height: int, width: int
         return batch * n * n_k * bytes_per_element
     d_v = _inter_channels(channels, inter_channels)  # g's width, whatever the mode
     d_k = channels if mode == "gaussian" else d_v  # the gaussian compares the inputs themselves
-    return attention_matrix_bytes(batch, n, n_k, d_k, d_v=d_v, device=device, fused=fused,
+    return attention_matrix_bytes(batch, n, n_k, d_k, d_v=d_v, device=device, fused=fused, training=training,
                                   bytes_per_element=bytes_per_element)

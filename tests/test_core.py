@@ -389,3 +389,94 @@ def test_softmax_over_the_scores_is_the_softmax_and_falls_back_for_a_strided_mat
         strided = torch.randn(3, 40, 5, device=device).mT  # _softmax.out would get this wrong
         result = _softmax_rows(strided, in_place=True)
         assert torch.equal(result, strided.softmax(-1))
+
+
+@pytest.mark.parametrize("case", ["plain", "key mask", "mask", "value only", "batch×heads"])
+def test_training_through_one_kept_matrix_equals_autograd_step_by_step(monkeypatch, case):
+    """The fast path trains through _Attention: the literal path's output and gradients, and exact second derivatives."""
+    import attnlib.core as core
+
+    calls = []
+    function = core._Attention.apply
+    monkeypatch.setattr(core._Attention, "apply", lambda *a: calls.append(1) or function(*a))
+    batch = (2, 3) if case == "batch×heads" else (2,)
+    q, k, v = operands(*batch, n_q=11, n_k=13, d_k=5, d_v=4, dtype=torch.float64)
+    mask = None
+    if case == "key mask":
+        mask = torch.rand(*batch, 1, 13, generator=torch.Generator().manual_seed(1)) > 0.4
+    if case == "mask":
+        mask = torch.rand(11, 13, generator=torch.Generator().manual_seed(1)) > 0.4
+    if mask is not None:
+        mask[..., 0] = True
+    needs = (False, False, True) if case == "value only" else (True, True, True)
+    q, k, v = (t.requires_grad_(n) for t, n in zip((q, k, v), needs))
+    leaves = [t for t in (q, k, v) if t.requires_grad]
+
+    def fast(*grad_leaves):
+        tensors = iter(grad_leaves)
+        return attend(*(next(tensors) if t.requires_grad else t for t in (q, k, v)), scale=0.4, mask=mask)[0]
+
+    out = fast(*leaves)
+    assert calls, "the fast path did not train through _Attention"
+    expected = attend(q, k, v, scale=0.4, mask=mask, fused=False)[0]
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(expected, leaves, grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(fast, leaves)
+    assert torch.autograd.gradgradcheck(fast, leaves)
+
+
+@pytest.mark.parametrize("case", ["no gradient", "weights", "fused=False", "few keys", "symmetric", "autocast",
+                                  "mixed dtypes", "map values"])
+def test_training_keeps_one_matrix_only_where_the_rule_says(monkeypatch, case):
+    import attnlib.core as core
+
+    calls = []
+    function = core._Attention.apply
+    monkeypatch.setattr(core._Attention, "apply", lambda *a: calls.append(1) or function(*a))
+    q, k, v = operands(2, n_q=11, n_k=4 if case == "few keys" else 13, d_k=5, d_v=4)
+    kwargs = {"need_weights": case == "weights", "fused": case != "fused=False"}
+    if case == "symmetric":
+        k, v = q, torch.randn(2, 11, 4)
+    if case == "mixed dtypes":
+        v = v.double()
+    if case == "map values":  # a B×d_v×N map seen as tokens, with no more queries than channels (ISA, GCNet)
+        q, v = q[:, :3], torch.randn(2, 4, 13).mT
+    q.requires_grad_(case != "no gradient")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        attend(q, k, v, **kwargs)
+    assert not calls  # (the cases where it is used: the test above)
+
+
+def test_softmax_backward_over_its_gradient_is_the_softmax_backward():
+    """_Attention writes S̄ over Ā: the kernel reads each row of Ā before it writes it."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for n in (7, 2700):
+            weights = torch.randn(3, 5, n, device=device).softmax(-1)
+            grad = torch.randn(3, 5, n, device=device)
+            expected = torch._softmax_backward_data(grad, weights, -1, weights.dtype)
+            result = torch.ops.aten._softmax_backward_data.out(grad, weights, -1, weights.dtype, grad_input=grad)
+            assert result.data_ptr() == grad.data_ptr() and torch.equal(result, expected)
+
+
+@pytest.mark.parametrize("d_k, training, expected", [
+    (129, True, False),   # a wide head in training: the matrix is kept rather than QK^T recomputed
+    (129, False, True),   # inference recomputes nothing: the kernel
+    (128, True, True),    # up to 128 channels the kernel's recompute pays
+])
+def test_cpu_training_keeps_a_wide_heads_matrix(monkeypatch, d_k, training, expected):
+    import attnlib.core as core
+
+    calls = []
+    sdpa = core.F.scaled_dot_product_attention
+    monkeypatch.setattr(core.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    q, k, v = operands(1, n_q=3, n_k=2 * d_k + 1, d_k=d_k, d_v=d_k)
+    with torch.set_grad_enabled(training):
+        out, _ = attend(q.requires_grad_(), k, v)
+    assert bool(calls) == expected == core.takes_fused_path(3, 2 * d_k + 1, d_k, training=training)
+    assert core.attention_matrix_bytes(1, 3, 2 * d_k + 1, d_k, fused=True, training=training) == (
+        0 if expected else 3 * (2 * d_k + 1) * 4)
+    assert core.takes_fused_path(3, 2 * d_k + 1, d_k, device="cuda", training=training)  # CUDA: the kernel
+    torch.testing.assert_close(out, attend(q, k, v, fused=False)[0], rtol=0, atol=1e-5)
