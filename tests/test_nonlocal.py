@@ -162,6 +162,22 @@ def test_memory_formula_follows_the_kernel_that_runs(monkeypatch):
                                                         fused=True, device="cuda") == 0
 
 
+
+def test_a_wide_heads_training_step_keeps_its_matrix_on_a_cpu_and_the_formula_says_so(monkeypatch):
+    """d = 129 > 128: inference takes the flash kernel, a CPU training step keeps A instead."""
+    import attnlib.core as core
+
+    calls = []
+    sdpa = core.F.scaled_dot_product_attention
+    monkeypatch.setattr(core.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    block, x = NonLocal2d(8, 129), torch.randn(1, 8, 17, 17)  # 289 keys > 2 × 129
+    with torch.no_grad():
+        block(x)
+    assert len(calls) == 1 and block.attention_memory(1, 17, 17) == 0
+    block(x).sum().backward()
+    assert len(calls) == 1 and block.attention_memory(1, 17, 17, training=True) == 289 * 289 * 4
+    assert NonLocal2d(8, 128).attention_memory(1, 17, 17, training=True) == 0  # up to 128, the kernel pays
+
 def test_flops_of_the_authors_pooling_run_phi_and_g_on_the_pooled_grid():
     c, d, h, w = 16, 8, 6, 10
     n, n_k = h * w, (h // 2) * (w // 2)
