@@ -66,13 +66,14 @@ Four details of the plain path make it fast without changing what it computes:
 Three more, on the fast setting only (``fused=True``); ``fused=False`` keeps the literal
 steps, and the tests hold the two equal:
 
-* in training, where the matrix is larger than the queries (:math:`N_k > d_k`: position
-  attention, non-local blocks off the kernel), :class:`_Attention` keeps one
-  :math:`N_q\times N_k` matrix per step instead of allocating four: the softmax overwrites
-  the scores, and its backward pass overwrites the gradient of the weights.  On the 2-core
-  CPU where it was measured, a training step of DANet's position attention (1×512×64×64)
-  took 464.5 ms against mmseg's 511.9 ms with the default allocator, and 411.4 against
-  423.9 ms with freed memory kept;
+* in training, where the matrix is larger than the queries and outputs together
+  (:math:`N_k > d_k + d_v`: position attention, non-local blocks off the kernel),
+  :class:`_Attention` keeps one :math:`N_q\times N_k` matrix per step instead of allocating
+  four: the softmax overwrites the scores, and its backward pass overwrites the gradient of
+  the weights.  On the 2-core CPU where it was measured, a training step of DANet's position
+  attention (1×512×64×64) took 464.5 ms against mmseg's 511.9 ms with the default allocator,
+  and 411.4 against 423.9 ms with freed memory kept.  On ANN's small N×110 matrices it was
+  slower than autograd step by step (APNB, 2×128×45×60: 32.9 against 29.8 ms), so they keep it;
 
 * when the keys *are* the queries (DANet's channel attention, :math:`E = AA^\top`), the
   scores :math:`S = s\,QQ^\top` form a symmetric matrix, and :class:`_Gram` computes them
@@ -441,7 +442,7 @@ def attend(
         query = query * scale  # (sQ)K^T = s QK^T: N_q·d_k products, not N_q·N_k
     transposed_values = (n_q <= d_v and value.stride(-2) == 1
                          and value.stride(-1) != 1)
-    if (fused and training and not need_weights and not symmetric and n_k > d_k
+    if (fused and training and not need_weights and not symmetric and n_k > d_k + d_v
             and not transposed_values and _one_dtype(query, key, value)):
         # One N_q×N_k matrix kept for the backward pass: see _Attention.
         return _Attention.apply(query, key, value, mask), None
