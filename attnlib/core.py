@@ -74,7 +74,6 @@ steps, and the tests hold the two equal:
   attention (1×512×64×64) took 464.5 ms against mmseg's 511.9 ms with the default allocator,
   and 411.4 against 423.9 ms with freed memory kept.  On ANN's small N×110 matrices it was
   slower than autograd step by step (APNB, 2×128×45×60: 32.9 against 29.8 ms), so they keep it;
-
 * when the keys *are* the queries (DANet's channel attention, :math:`E = AA^\top`), the
   scores :math:`S = s\,QQ^\top` form a symmetric matrix, and :class:`_Gram` computes them
   through that symmetry: three quarters of the products forward, and one product instead of
@@ -316,12 +315,16 @@ def _one_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> b
             and query.dtype == key.dtype == value.dtype)
 
 
+def _masked(scores: torch.Tensor, mask: torch.Tensor | None, in_place: bool) -> torch.Tensor:
+    """S + M: -inf where ``mask`` is False, written over the scores when ``in_place``."""
+    if mask is None:
+        return scores
+    return scores.masked_fill_(~mask, float("-inf")) if in_place else scores.masked_fill(~mask, float("-inf"))
+
+
 def _weights(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, in_place: bool) -> torch.Tensor:
     """A = softmax(QKᵀ + M), the mask and softmax written over the scores when ``in_place``."""
-    scores = torch.matmul(query, key.mT)
-    if mask is not None:
-        scores = scores.masked_fill_(~mask, float("-inf")) if in_place else scores.masked_fill(~mask, float("-inf"))
-    return _softmax_rows(scores, in_place)
+    return _softmax_rows(_masked(torch.matmul(query, key.mT), mask, in_place), in_place)
 
 
 _CPU_RECOMPUTE_WIDTH = 128  # d_k above which, on a CPU, training keeps A rather than recompute QK^T
@@ -455,9 +458,7 @@ def attend(
     in_place = not scores.requires_grad
     if scale_scores:
         scores = scores.mul_(scale) if in_place else scores * scale
-    if mask is not None:
-        fill = scores.masked_fill_ if in_place else scores.masked_fill
-        scores = fill(~mask, float("-inf"))
+    scores = _masked(scores, mask, in_place)
     weights = _softmax_rows(scores, in_place)  # A = softmax(S), row-wise
     weights = _flush_subnormals(weights, n_k, d_k, in_place)  # small matrices only
     a = weights if weights.dtype == value.dtype else weights.to(value.dtype)

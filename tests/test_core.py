@@ -391,14 +391,20 @@ def test_softmax_over_the_scores_is_the_softmax_and_falls_back_for_a_strided_mat
         assert torch.equal(result, strided.softmax(-1))
 
 
-@pytest.mark.parametrize("case", ["plain", "key mask", "mask", "value only", "batch×heads"])
-def test_training_through_one_kept_matrix_equals_autograd_step_by_step(monkeypatch, case):
-    """The fast path trains through _Attention: the literal path's output and gradients, and exact second derivatives."""
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """A list that grows by one at every call of _Attention."""
     import attnlib.core as core
 
     calls = []
     function = core._Attention.apply
     monkeypatch.setattr(core._Attention, "apply", lambda *a: calls.append(1) or function(*a))
+    return calls
+
+
+@pytest.mark.parametrize("case", ["plain", "key mask", "mask", "value only", "batch×heads"])
+def test_training_through_one_kept_matrix_equals_autograd_step_by_step(attention_calls, case):
+    """The fast path trains through _Attention: the literal path's output and gradients, and exact second derivatives."""
     batch = (2, 3) if case == "batch×heads" else (2,)
     q, k, v = operands(*batch, n_q=11, n_k=13, d_k=5, d_v=4, dtype=torch.float64)
     mask = None
@@ -417,7 +423,7 @@ def test_training_through_one_kept_matrix_equals_autograd_step_by_step(monkeypat
         return attend(*(next(tensors) if t.requires_grad else t for t in (q, k, v)), scale=0.4, mask=mask)[0]
 
     out = fast(*leaves)
-    assert calls, "the fast path did not train through _Attention"
+    assert attention_calls, "the fast path did not train through _Attention"
     expected = attend(q, k, v, scale=0.4, mask=mask, fused=False)[0]
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
     grad = torch.randn_like(out)
@@ -429,12 +435,7 @@ def test_training_through_one_kept_matrix_equals_autograd_step_by_step(monkeypat
 
 @pytest.mark.parametrize("case", ["no gradient", "weights", "fused=False", "few keys", "symmetric", "autocast",
                                   "mixed dtypes", "map values"])
-def test_training_keeps_one_matrix_only_where_the_rule_says(monkeypatch, case):
-    import attnlib.core as core
-
-    calls = []
-    function = core._Attention.apply
-    monkeypatch.setattr(core._Attention, "apply", lambda *a: calls.append(1) or function(*a))
+def test_training_keeps_one_matrix_only_where_the_rule_says(attention_calls, case):
     q, k, v = operands(2, n_q=11, n_k=4 if case == "few keys" else 13, d_k=5, d_v=4)
     kwargs = {"need_weights": case == "weights", "fused": case != "fused=False"}
     if case == "symmetric":
@@ -446,7 +447,7 @@ def test_training_keeps_one_matrix_only_where_the_rule_says(monkeypatch, case):
     q.requires_grad_(case != "no gradient")
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
         attend(q, k, v, **kwargs)
-    assert not calls  # (the cases where it is used: the test above)
+    assert not attention_calls  # (the cases where it is used: the test above)
 
 
 def test_softmax_backward_over_its_gradient_is_the_softmax_backward():
