@@ -138,7 +138,7 @@ class CrissCrossAttention(nn.Module):
         # operands matrix by matrix (a quarter of the block's time at B = 1): so they
         # read copies laid out column by column, made once.
         q_col = q.permute(0, 3, 2, 1).contiguous()  # B×W×H×C'
-        k_col, v_col = (t.permute(0, 3, 1, 2).contiguous() for t in (k, v))  # B×W×C×H
+        k_col = k.permute(0, 3, 1, 2).contiguous()  # B×W×C'×H
         # Column energies, batched over the W columns: e_col[b,i,j,k] = Q(i,j)·K(k,j).
         e_col = q_col @ k_col  # B×W×H×H, [b, j, i, k]
         e_col = e_col.transpose(1, 2)  # B×H×W×H
@@ -151,8 +151,18 @@ class CrissCrossAttention(nn.Module):
         # One softmax over the H + W energies (H + W - 1 finite): the A of eq. 1.
         attention = torch.cat([e_col, e_row], dim=-1).softmax(dim=-1)
         a_col, a_row = attention.split([h, w], dim=-1)
-        # Eq. 2: Σ over the column (batched over columns) + Σ over the row (over rows),
-        # values on the left so that the products come out channels-first, as the map.
+        # Eq. 2: Σ over the column (batched over columns) + Σ over the row (over rows).
+        if not (attention.requires_grad or v.requires_grad):
+            # Without autograd, values on the right: both products come out channels
+            # last, from one copy of V, and their sum pairs whole C-channel rows
+            # instead of transposing every H×W plane.
+            v_last = v.permute(0, 2, 3, 1).contiguous()  # B×H×W×C
+            y = a_row @ v_last  # B×H×W×C: [b,i,j,c]
+            y_col = a_col.transpose(1, 2) @ v_last.transpose(1, 2)  # [b,j,i,c]
+            return y.add_(y_col.transpose(1, 2)).permute(0, 3, 1, 2), attention
+        # With autograd, values on the left, so that the products come out channels
+        # first, as the map: in a training step that layout's gradients cost less.
+        v_col = v.permute(0, 3, 1, 2).contiguous()  # B×W×C×H
         y_col = v_col @ a_col.permute(0, 2, 3, 1)  # B×W×C×H: [b,j,c,i]
         y_row = v.permute(0, 2, 1, 3) @ a_row.transpose(-1, -2)  # B×H×C×W: [b,i,c,j]
         # B×C×H×W in y_row's layout: the residual (see _forward) reads it as it is and

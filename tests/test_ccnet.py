@@ -60,6 +60,8 @@ def test_equals_loop_definition(h, w, fused):
     block = random_block(fused=fused)
     x = torch.randn(2, 8, h, w, dtype=torch.float64)
     out, weights = block(x), block.attention_weights(x)
+    with torch.no_grad():  # the factorised sum has one layout with autograd, one without
+        torch.testing.assert_close(block(x), out, rtol=0, atol=1e-12)
     for b in range(2):
         expected, expected_weights = loop_criss_cross(block, x[b])
         torch.testing.assert_close(out[b], expected)
@@ -160,14 +162,17 @@ def test_fused_equals_reference_float64(recurrence):
         torch.testing.assert_close(set_fused(block, True)(x), set_fused(block, False)(x), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
 @pytest.mark.parametrize("fused", [True, False])
-def test_output_takes_the_input_layout(fused):
-    """The factorised sum comes out permuted; the residual writes H' in x's layout, so the next
-    loop's convolutions get a contiguous map, and a channels-last input stays channels-last."""
+def test_output_takes_the_input_layout(fused, grad):
+    """The factorised sum comes out permuted (channels first with autograd, channels last
+    without); the residual writes H' in x's layout, so the next loop's convolutions get a
+    contiguous map, and a channels-last input stays channels-last."""
     block = set_fused(random_block(RecurrentCrissCross, recurrence=2), fused)
     x = torch.randn(2, 8, 7, 5, dtype=torch.float64, requires_grad=True)
-    assert block(x).is_contiguous()
-    assert block(x.detach().to(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+    with torch.set_grad_enabled(grad):
+        assert block(x).is_contiguous()
+        assert block(x.detach().to(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
