@@ -232,9 +232,26 @@ class _PyramidNonLocal(nn.Module):
 
     def _forward(self, keys_from: torch.Tensor,
                  queries_from: torch.Tensor) -> torch.Tensor:
-        """The official ``conv_bn_dropout(cat[context, queries_from])``."""
-        context = self._context(keys_from, queries_from)
-        return self.fuse(torch.cat([context, queries_from], dim=1))
+        r"""The official ``conv_bn_dropout(cat[context, queries_from])``.
+
+        The fusion conv :math:`F = [F_c\ F_x]` (no bias: BatchNorm follows) and
+        :math:`W_o` are linear, so :math:`F\,\mathrm{cat}[W_o O_P^\top + b_o, X]
+        = (F_c W_o)\,O_P^\top + F_c b_o + F_x X`.  The fast path computes the
+        right-hand side: :math:`W_o` folds into :math:`F_c`, and neither the context
+        map nor the concatenation is built, so the :math:`N C_o^2` multiply-adds of
+        :math:`F_c` are never done.
+        """
+        if not self.fused:
+            context = self._context(keys_from, queries_from)
+            return self.fuse(torch.cat([context, queries_from], dim=1))
+        b, c, h, w = queries_from.shape
+        out, _ = self._attend(keys_from, queries_from, need_weights=False)  # B×N×d_v
+        f_context, f_input = self.fuse[0].weight.flatten(1).split(
+            [self.out_channels, c], dim=1)
+        y = F.conv2d(queries_from, f_input[..., None, None], f_context @ self.W.bias)
+        folded = (f_context @ self.W.weight.flatten(1)).expand(b, -1, -1)  # F_c W_o
+        y = y.flatten(2).baddbmm(folded, out.mT)  # + (F_c W_o) O_P^T
+        return self.fuse[1:](y.reshape(b, -1, h, w))  # BatchNorm (ReLU), dropout
 
     def _map(self, keys_from: torch.Tensor, queries_from: torch.Tensor, query: tuple[int, int]) -> torch.Tensor:
         """Query ``(i, j)``'s attention over the S bins, spread exactly over the H×W pixels."""
@@ -306,7 +323,8 @@ class APNB(_PyramidNonLocal):
     def flops(self, batch: int, height: int, width: int) -> dict[str, int]:
         """Analytic FLOPs of :meth:`forward` at this size; see :func:`apnb_flops`."""
         return apnb_flops(batch, self.in_channels, height, width, out_channels=self.out_channels,
-                          key_channels=self.key_channels, value_channels=self.value_channels, pool_sizes=self.pool_sizes)
+                          key_channels=self.key_channels, value_channels=self.value_channels,
+                          pool_sizes=self.pool_sizes, fused=self.fused)
 
     def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
         """Bytes of attention matrix :meth:`forward` stores; see :func:`apnb_attention_memory`."""
@@ -387,7 +405,8 @@ class AFNB(_PyramidNonLocal):
         """Analytic FLOPs of :meth:`forward` at this size; see :func:`afnb_flops`."""
         return afnb_flops(batch, self.high_channels, height, width, low_channels=self.low_channels,
                           out_channels=self.out_channels, key_channels=self.key_channels,
-                          value_channels=self.value_channels, pool_sizes=self.pool_sizes)
+                          value_channels=self.value_channels, pool_sizes=self.pool_sizes,
+                          fused=self.fused)
 
     def attention_memory(self, batch: int, height: int, width: int, bytes_per_element: int = 4) -> int:
         """Bytes of attention matrix :meth:`forward` stores; see :func:`afnb_attention_memory`."""
@@ -406,12 +425,28 @@ def _attention_flops(batch: int, n: int, s: int, key_channels: int, value_channe
     return 2 * batch * n * s * (key_channels + value_channels)
 
 
+def _fusion_flops(batch: int, n: int, channels: int, out_channels: int, value_channels: int,
+                  fused: bool) -> dict[str, int]:
+    r""":math:`W_o` and the fusion conv on the N pixels, as each path computes them.
+
+    Reference: :math:`2BN\,(d_v C_o + (C_o + C)\,C_o)` in convolutions.  Fused
+    (:meth:`_PyramidNonLocal._forward`): :math:`2BNC\,C_o` in the convolution
+    :math:`F_x X`, and :math:`2BNd_vC_o + 2C_o^2d_v` in matrix products, the folded
+    weight's product and the fold :math:`F_c W_o` itself.
+    """
+    if fused:
+        return {"conv": 2 * batch * n * channels * out_channels,
+                "matmul": 2 * value_channels * out_channels * (batch * n + out_channels)}
+    return {"conv": 2 * batch * n * (value_channels + out_channels + channels) * out_channels,
+            "matmul": 0}
+
+
 def apnb_flops(batch: int, channels: int, height: int, width: int, *, out_channels: int, key_channels: int,
-               value_channels: int, pool_sizes: Levels = POOL_SIZES) -> dict[str, int]:
+               value_channels: int, pool_sizes: Levels = POOL_SIZES, fused: bool = False) -> dict[str, int]:
     r"""FLOPs of one :class:`APNB` forward pass, 2 per multiply-add, as ``FlopCounterMode`` counts them.
 
     With :math:`N = HW`, :math:`S = \sum n^2`, input :math:`C`, output :math:`C_o`, key
-    :math:`\hat C` and value :math:`d_v` widths:
+    :math:`\hat C` and value :math:`d_v` widths, on the reference path:
 
     * conv: :math:`2BN\,(C\hat C + d_v C_o + (C_o + C)\,C_o) + 2BS\,C d_v` — the shared
       φ = θ projection once, :math:`W_o` and the fusion conv on the N pixels, and γ on the
@@ -420,31 +455,39 @@ def apnb_flops(batch: int, channels: int, height: int, width: int, *, out_channe
     * matmul: :math:`2BNS\,(\hat C + d_v)` — linear in N, against :math:`2BN^2(\hat C + d_v)`
       for the non-local block.
 
-    The pooling, BatchNorm, ReLU and softmax are not counted.
+    ``fused=True`` counts the fast path, which folds :math:`W_o` into the fusion conv
+    (:func:`_fusion_flops`): :math:`2C_o^2\,(BN - d_v)` fewer.  The pooling, BatchNorm, ReLU and
+    softmax are not counted.
     """
     n, s = height * width, num_samples(pool_sizes)
-    conv = (2 * batch * n * (channels * key_channels + value_channels * out_channels
-                             + (out_channels + channels) * out_channels)
-            + 2 * batch * s * channels * value_channels)
-    return {"conv": conv, "matmul": _attention_flops(batch, n, s, key_channels, value_channels)}
+    fusion = _fusion_flops(batch, n, channels, out_channels, value_channels, fused)
+    conv = (2 * batch * n * channels * key_channels + 2 * batch * s * channels * value_channels
+            + fusion["conv"])
+    matmul = _attention_flops(batch, n, s, key_channels, value_channels) + fusion["matmul"]
+    return {"conv": conv, "matmul": matmul}
 
 
 def afnb_flops(batch: int, channels: int, height: int, width: int, *, low_channels: int, out_channels: int,
-               key_channels: int, value_channels: int, pool_sizes: Levels = POOL_SIZES) -> dict[str, int]:
+               key_channels: int, value_channels: int, pool_sizes: Levels = POOL_SIZES,
+               fused: bool = False) -> dict[str, int]:
     r"""FLOPs of one :class:`AFNB` forward pass; ``channels`` is the high-level map's C.
 
-    With :math:`C_l` the low-level channels and the rest as in :func:`apnb_flops`:
+    With :math:`C_l` the low-level channels and the rest as in :func:`apnb_flops`, on the
+    reference path:
 
     * conv: :math:`2BN\,(C_l\hat C + C\hat C + d_v C_o + (C_o + C)\,C_o) + 2BS\,C_l d_v` —
       θ on the low map, φ on the high map, :math:`W_o` and the fusion conv, and γ on the S
       pooled bins of the low map;
     * matmul: :math:`2BNS\,(\hat C + d_v)`.
+
+    ``fused=True`` counts the fast path, as in :func:`apnb_flops`.
     """
     n, s = height * width, num_samples(pool_sizes)
-    conv = (2 * batch * n * (low_channels * key_channels + channels * key_channels
-                             + value_channels * out_channels + (out_channels + channels) * out_channels)
-            + 2 * batch * s * low_channels * value_channels)
-    return {"conv": conv, "matmul": _attention_flops(batch, n, s, key_channels, value_channels)}
+    fusion = _fusion_flops(batch, n, channels, out_channels, value_channels, fused)
+    conv = (2 * batch * n * (low_channels + channels) * key_channels
+            + 2 * batch * s * low_channels * value_channels + fusion["conv"])
+    matmul = _attention_flops(batch, n, s, key_channels, value_channels) + fusion["matmul"]
+    return {"conv": conv, "matmul": matmul}
 
 
 def apnb_attention_memory(batch: int, channels: int, height: int, width: int, *, key_channels: int,

@@ -154,6 +154,32 @@ def test_afnb_equals_loop_definition(fused):
         torch.testing.assert_close(weights[b], expected_weights)
 
 
+@pytest.mark.parametrize("kind", ["apnb", "afnb"])
+def test_folded_fusion_trains_as_the_concatenation(kind):
+    """The fast path folds W_o into the fusion conv; in a training step (BatchNorm on batch
+    statistics) its output and every gradient, W_o's and the fusion conv's included, are
+    those of conv(cat[W_o(O), X])."""
+    block = make_apnb(out=7) if kind == "apnb" else make_afnb()
+    block.train()
+    for m in block.modules():
+        if isinstance(m, torch.nn.Dropout2d):
+            m.p = 0.0
+    inputs = [torch.randn(2, 5, 5, 7, dtype=torch.float64)] if kind == "apnb" else [
+        torch.randn(2, 4, 5, 7, dtype=torch.float64), torch.randn(2, 6, 5, 7, dtype=torch.float64)]
+    results = []
+    for fused in (False, True):
+        block.fused = fused
+        xs = [t.clone().requires_grad_() for t in inputs]
+        out = block(*xs)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum(),
+                                    [*xs, *block.parameters()])
+        results.append((out, grads))
+    (reference, reference_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-12)
+    for g_fused, g_reference in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(g_fused, g_reference, rtol=0, atol=1e-12)
+
+
 def test_default_widths_follow_the_official_network():
     """APNB(512) is the official context block (512 → 512, 256 key/value channels); AFNB(1024, 2048) its fusion."""
     apnb, afnb = APNB(512), AFNB(1024, 2048)
@@ -303,6 +329,10 @@ def test_flops_with_paper_pyramid_equal_counted(fused):
     # γ (8 → 4) runs on the 110 pooled bins, every other convolution on the n pixels
     assert afnb_flops(2, 12, 9, 13, low_channels=8, out_channels=10, key_channels=6, value_channels=4)["conv"] == (
         2 * 2 * n * (8 * 6 + 12 * 6 + 4 * 10 + 22 * 10) + 2 * 2 * 110 * 8 * 4)
+    # the fast path folds W_o (4 → 10) into the fusion conv: 2·C_o²·(BN − d_v) fewer
+    reference, fused = (sum(afnb_flops(2, 12, 9, 13, low_channels=8, out_channels=10, key_channels=6, value_channels=4,
+                                       fused=f).values()) for f in (False, True))
+    assert reference - fused == 2 * 10 * 10 * (2 * n - 4)
 
 
 def test_attention_memory_is_n_by_s():
