@@ -61,6 +61,9 @@ Deliberate differences from the official code (none changes what its network com
   concatenation has ``out_channels + in_channels`` channels (it runs only because its
   network uses ``in_channels == out_channels``); we use ``out_channels + in_channels``;
 * convolutions followed by BatchNorm have no bias (BatchNorm's shift absorbs it);
+* on the fast path (``fused=True``) :math:`W_o` is folded into the fusion conv, the same
+  linear map computed in another order (:meth:`_PyramidNonLocal._forward`); ``fused=False``
+  runs the official conv, concatenation and fusion as written;
 * the official blocks also take a list of max-pool ``sizes`` for extra "stages"; its
   network uses only ``sizes=[1]`` (one stage, no pooling), which is what is built here.
 """
