@@ -78,14 +78,14 @@ def loop_block(block, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tens
     return (torch.relu(z) if isinstance(block, APNB) else z), weights
 
 
-def make_apnb(pool_sizes=(1, 2, 3), c=5, out=5):
+def make_apnb(pool_sizes=(1, 2, 3), c=5, out=5, **kwargs):
     torch.manual_seed(0)
-    return randomize_(APNB(c, out, 4, 3, pool_sizes=pool_sizes), std=0.4).double().eval()
+    return randomize_(APNB(c, out, 4, 3, pool_sizes=pool_sizes, **kwargs), std=0.4).double().eval()
 
 
-def make_afnb(pool_sizes=(1, 2, 3)):
+def make_afnb(pool_sizes=(1, 2, 3), **kwargs):
     torch.manual_seed(0)
-    return randomize_(AFNB(4, 6, 5, 3, 3, pool_sizes=pool_sizes), std=0.4).double().eval()
+    return randomize_(AFNB(4, 6, 5, 3, 3, pool_sizes=pool_sizes, **kwargs), std=0.4).double().eval()
 
 
 # --- pyramid sampling ------------------------------------------------------------------------
@@ -159,11 +159,7 @@ def test_folded_fusion_trains_as_the_concatenation(kind):
     """The fast path folds W_o into the fusion conv; in a training step (BatchNorm on batch
     statistics) its output and every gradient, W_o's and the fusion conv's included, are
     those of conv(cat[W_o(O), X])."""
-    block = make_apnb(out=7) if kind == "apnb" else make_afnb()
-    block.train()
-    for m in block.modules():
-        if isinstance(m, torch.nn.Dropout2d):
-            m.p = 0.0
+    block = (make_apnb(out=7, dropout=0.0) if kind == "apnb" else make_afnb(dropout=0.0)).train()
     inputs = [torch.randn(2, 5, 5, 7, dtype=torch.float64)] if kind == "apnb" else [
         torch.randn(2, 4, 5, 7, dtype=torch.float64), torch.randn(2, 6, 5, 7, dtype=torch.float64)]
     results = []
