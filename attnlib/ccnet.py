@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 from ._checks import check_feature_map, check_positive, check_query, reduced_channels
-from .core import attend
+from .core import attend, project
 
 __all__ = [
     "CrissCrossAttention",
@@ -117,8 +117,8 @@ class CrissCrossAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Q, K (B×C'×H×W) and V (B×C×H×W)."""
-        return self.query(x), self.key(x), self.value(x)
+        """Q, K (B×C'×H×W) and V (B×C×H×W): one stacked convolution when fused."""
+        return project(x, (self.query, self.key, self.value), fused=self.fused)
 
     @staticmethod
     def _factorised(q: torch.Tensor, k: torch.Tensor,

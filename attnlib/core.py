@@ -83,6 +83,9 @@ steps, and the tests hold the two equal:
   its two matrix–vector products, which a CPU BLAS runs on one core, are split over the
   positions so that every thread takes a share, and its backward pass writes the rank-two
   gradient of :math:`X` in one pass instead of two outer products and a sum.
+
+Before the core, most blocks project one map into queries, keys and values with 1×1
+convolutions; on the fast setting :func:`project` runs them as one convolution.
 """
 from __future__ import annotations
 
@@ -92,7 +95,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["attend", "attention_matrix_bytes", "set_fused", "takes_fused_path"]
+__all__ = ["attend", "attention_matrix_bytes", "project", "set_fused", "takes_fused_path"]
 
 
 def _check_operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -471,6 +474,32 @@ def attend(
     else:
         out = torch.matmul(a, value)  # Y = A V
     return out, (weights if need_weights else None)
+
+
+def project(x: torch.Tensor, convs: tuple[nn.Conv2d, ...], *,
+            fused: bool) -> tuple[torch.Tensor, ...]:
+    """``tuple(conv(x) for conv in convs)``: several 1×1 projections of one map.
+
+    Most blocks project one map into queries, keys and values.  ``fused=True`` runs
+    them as one convolution with their weights stacked: one pass over ``x`` and one
+    product where there were several, and in a training step one gradient for ``x``
+    instead of a sum of several.  The outputs are then channel slices of one map,
+    contiguous for a batch of one (ISA groups its map as one, see ``_Layout.group``).
+    ``fused=False`` calls each convolution.  On the 2-core CPU where it was measured
+    (freed memory kept), criss-cross attention at 2×128×45×60 ran 1.10× faster forward
+    and 1.11× per training step for it.
+    """
+    pointwise = all(conv.kernel_size == conv.stride == conv.dilation == (1, 1)
+                    and conv.padding == (0, 0) and conv.groups == 1 for conv in convs)
+    if not pointwise or len({conv.bias is None for conv in convs}) > 1:
+        raise ValueError("project: expected plain 1×1 convolutions, all with or all "
+                         f"without bias, got {[str(conv) for conv in convs]}")
+    if not fused or len(convs) < 2:
+        return tuple(conv(x) for conv in convs)
+    weight = torch.cat([conv.weight for conv in convs])
+    bias = None if convs[0].bias is None else torch.cat([conv.bias for conv in convs])
+    stacked = F.conv2d(x, weight, bias)
+    return stacked.split([conv.out_channels for conv in convs], dim=1)
 
 
 def set_fused(module: nn.Module, fused: bool) -> nn.Module:

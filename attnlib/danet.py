@@ -72,7 +72,7 @@ import torch
 from torch import nn
 
 from ._checks import check_feature_map, check_positive, check_query, reduced_channels
-from .core import attend, attention_matrix_bytes
+from .core import attend, attention_matrix_bytes, project
 
 __all__ = [
     "PositionAttention",
@@ -112,9 +112,10 @@ class PositionAttention(nn.Module):
 
     def _forward(self, x: torch.Tensor, need_weights: bool):
         b, c, h, w = check_feature_map(x, self.in_channels, type(self).__name__)
-        convs = (self.query_conv, self.key_conv, self.value_conv)
+        convs = (self.query_conv, self.key_conv, self.value_conv)  # stacked when fused
         # B×N×d each: one row per position
-        query, key, value = (conv(x).flatten(2).transpose(1, 2) for conv in convs)
+        query, key, value = (t.flatten(2).transpose(1, 2)
+                             for t in project(x, convs, fused=self.fused))
         # Row j of the weights is s_j· = softmax_i(B_i · C_j)  (eq. 1); no 1/√d scaling.
         out, weights = attend(query, key, value, scale=1.0,
                               need_weights=need_weights, fused=self.fused)

@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_feature_map, check_positive, check_positive_pair, check_query
-from .core import attend, attention_matrix_bytes
+from .core import attend, attention_matrix_bytes, project
 
 __all__ = ["InterlacedSparseAttention", "SelfAttentionBlock", "interlaced_sparse_flops",
            "interlaced_sparse_attention_memory", "PAD_MODES"]
@@ -86,12 +86,15 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
     return [nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
 
 
-# The padded map, viewed as (B, C, g_h, d_h, g_w, d_w), is permuted so that the group comes first,
-# then the channels, then the position inside the group:
-#   long range  -> (B, d_h, d_w | C | g_h, g_w): one group per offset, one position from every block;
-#   short range -> (B, g_h, g_w | C | d_h, d_w): one group per block, its d_h·d_w positions.
-_GROUP = {"long": (0, 3, 5, 1, 2, 4), "short": (0, 2, 4, 1, 3, 5)}
-_UNGROUP = {kind: tuple(perm.index(axis) for axis in range(6)) for kind, perm in _GROUP.items()}  # the inverses
+# The padded map, viewed as (B, C, g_h, d_h, g_w, d_w), is permuted so that the channels come
+# first, then the group, then the position inside the group:
+#   long range  -> (C | B, d_h, d_w | g_h, g_w): one group per offset, one position from every block;
+#   short range -> (C | B, g_h, g_w | d_h, d_w): one group per block, its d_h·d_w positions.
+_GROUP = {"long": (1, 0, 3, 5, 2, 4), "short": (1, 0, 2, 4, 3, 5)}
+# The attention returns the groups first, (B, d_h, d_w | C | g_h, g_w) or (B, g_h, g_w | C | d_h, d_w);
+# the inverses of those orders put them back into the map.
+_GROUP_FIRST = {"long": (0, 3, 5, 1, 2, 4), "short": (0, 2, 4, 1, 3, 5)}
+_UNGROUP = {kind: tuple(perm.index(axis) for axis in range(6)) for kind, perm in _GROUP_FIRST.items()}
 
 
 @dataclass(frozen=True)
@@ -134,28 +137,35 @@ class _Layout:
         return x[..., top:top + self.height, left:left + self.width]
 
     def group(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """B×C×H_p×W_p → (B·groups)×C×(positions per group)×1: each group a small map.
+        """B×C×H_p×W_p → 1×C×(B·groups)×(positions per group): one group per row.
 
-        ``kind`` is ``"long"`` or ``"short"``.  The 1×1 convolutions and BatchNorm then
-        run on the groups as they would on the map (one copy, as in the official code,
-        instead of one per projection).
+        ``kind`` is ``"long"`` or ``"short"``.  The groups are the rows of one map, so
+        the 1×1 convolutions and BatchNorm run on them as they would on the padded map
+        (one copy, as in the official code, instead of one per projection), and each
+        channel is one contiguous plane: the channels of a stacked projection
+        (:func:`attnlib.core.project`) are contiguous slices.
         """
         (gh, gw), (dh, dw) = self.grid, self.block
         b, c = x.shape[:2]
         grouped = x.reshape(b, c, gh, dh, gw, dw).permute(_GROUP[kind])
-        return grouped.reshape(b * self.groups(kind), c, -1, 1)
+        return grouped.reshape(1, c, b * self.groups(kind), -1)
 
     def ungroup(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """The inverse of :meth:`group`: (B·groups)×C×positions×1 → B×C×H_p×W_p."""
+        """(B·groups)×C×positions×1 → B×C×H_p×W_p: the groups back into the map.
+
+        The inverse of :meth:`group`, but from the layout in which the attention core
+        returns a context, group first (see :meth:`SelfAttentionBlock.forward`): the
+        output projection runs there, and this is the one copy that follows it.
+        """
         (gh, gw), (dh, dw) = self.grid, self.block
-        shape = (dh, dw, x.shape[1], gh, gw) if kind == "long" else (gh, gw, x.shape[1], dh, dw)
-        batch = x.shape[0] // self.groups(kind)
-        return x.reshape(batch, *shape).permute(_UNGROUP[kind]).reshape(batch, x.shape[1], *self.padded)
+        batch, c = x.shape[0] // self.groups(kind), x.shape[1]
+        shape = (dh, dw, c, gh, gw) if kind == "long" else (gh, gw, c, dh, dw)
+        return x.reshape(batch, *shape).permute(_UNGROUP[kind]).reshape(batch, c, *self.padded)
 
     def index(self, kind: str, device: torch.device) -> torch.Tensor:
         """groups×positions: the row-major index in the padded map of each grouped position."""
         positions = torch.arange(self.padded[0] * self.padded[1], device=device)
-        return self.group(positions.reshape(1, 1, *self.padded), kind)[:, 0, :, 0]
+        return self.group(positions.reshape(1, 1, *self.padded), kind)[0, 0]
 
     def key_mask(self, kind: str, batch: int,
                  device: torch.device) -> torch.Tensor | None:
@@ -169,7 +179,7 @@ class _Layout:
         real = torch.zeros(1, 1, *self.padded, dtype=torch.bool, device=device)
         top, left = self.offset
         real[..., top:top + self.height, left:left + self.width] = True
-        keys = self.group(real, kind)[:, 0, :, 0]  # groups×positions
+        keys = self.group(real, kind)[0, 0]  # groups×positions
         keys = keys | ~keys.any(dim=1, keepdim=True)
         return keys[:, None, :].repeat(batch, 1, 1)
 
@@ -205,9 +215,13 @@ class SelfAttentionBlock(nn.Module):
 
         ``mask_padding=False`` lets padded positions be keys, as the official code does.
         """
-        groups = layout.group(x, kind)  # (B·groups)×C×S×1
-        # θ, φ, g on the groups, each as (B·groups)×S×width: S tokens per group
-        q, k, v = (f(groups).flatten(2).mT for f in (self.query, self.key, self.value))
+        groups = layout.group(x, kind)  # 1×C×(B·groups)×S
+        # θ, φ, g on the groups; their first convolutions all read the groups (one
+        # stacked convolution when fused, see attnlib.core.project)
+        q, k, v = project(groups, (self.query[0], self.key[0], self.value), fused=fused)
+        q, k = self.query[1:](q), self.key[1:](k)
+        # each as (B·groups)×S×width: S tokens per group
+        q, k, v = (t[0].permute(1, 2, 0) for t in (q, k, v))
         mask = layout.key_mask(kind, x.shape[0], x.device) if mask_padding else None
         context, weights = attend(q, k, v, scale=self.key_channels ** -0.5, mask=mask,
                                   need_weights=need_weights, fused=fused)

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_feature_map, check_positive, check_query
-from .core import attend, attention_matrix_bytes
+from .core import attend, attention_matrix_bytes, project
 
 __all__ = ["NonLocal2d", "nonlocal_flops", "nonlocal_attention_memory"]
 
@@ -145,10 +145,12 @@ class NonLocal2d(nn.Module):
         # The authors' code pools before φ and g; the paper and mmcv pool after.
         source = self.pool(x) if self.pool_input else x
         if self.mode == "gaussian":
-            theta, phi = x, source
-        else:
-            theta, phi = self.theta(x), self.phi(source)
-        g = self.g(source)
+            theta, phi, g = x, source, self.g(source)
+        elif self.pool_input:
+            theta = self.theta(x)
+            phi, g = project(source, (self.phi, self.g), fused=self.fused)
+        else:  # one stacked convolution when fused
+            theta, phi, g = project(x, (self.theta, self.phi, self.g), fused=self.fused)
         if not self.pool_input:
             phi, g = self.pool(phi), self.pool(g)
         return tuple(t.flatten(2).transpose(1, 2) for t in (theta, phi, g))

@@ -110,6 +110,24 @@ def test_fused_equals_reference(case, shape):
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", cases())
+def test_fused_trains_as_the_reference(case):
+    """A training step (BatchNorm on batch statistics) on both paths, in float64: the same
+    output, the same gradient for the input and every parameter, the same running statistics."""
+    steps = {}
+    for fused in (False, True):
+        block = set_fused(randomize_(case.make().double(), std=0.3), fused).train()
+        inputs = tuple(t.double().requires_grad_() for t in case.inputs(2, 7, 11))
+        torch.manual_seed(1)  # the same dropout masks on both paths
+        out = block(*inputs)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        grads = torch.autograd.grad((out * weights).sum(), [*inputs, *block.parameters()])
+        steps[fused] = (out, *grads, *block.buffers())
+    assert len(steps[True]) == len(steps[False])
+    for got, expected in zip(steps[True], steps[False]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("case", cases(lambda c: c.map_is_distribution is not None))
 @pytest.mark.parametrize("query", [(0, 0), (4, 6), (6, 10)])
 def test_attention_map_shape_and_mass(case, query):

@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
-from attnlib.core import attend
+from attnlib.core import attend, project
 
 
 def operands(*batch, n_q=7, n_k=9, d_k=5, d_v=3, dtype=torch.float32, seed=0):
@@ -481,3 +482,32 @@ def test_cpu_training_keeps_a_wide_heads_matrix(monkeypatch, d_k, training, expe
         0 if expected else 3 * (2 * d_k + 1) * 4)
     assert core.takes_fused_path(3, 2 * d_k + 1, d_k, device="cuda", training=training)  # CUDA: the kernel
     torch.testing.assert_close(out, attend(q, k, v, fused=False)[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_stacked_projections_equal_the_convolutions_one_by_one(bias, batch):
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(6, out, 1, bias=bias).double() for out in (2, 2, 5)]
+    x = torch.randn(batch, 6, 4, 3, dtype=torch.float64, requires_grad=True)
+    results = {}
+    for fused in (False, True):
+        outputs = project(x, convs, fused=fused)
+        assert [tuple(t.shape) for t in outputs] == [(batch, out, 4, 3) for out in (2, 2, 5)]
+        loss = sum((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view_as(t)).sum() for t in outputs)
+        parameters = [p for conv in convs for p in conv.parameters()]
+        results[fused] = (outputs, torch.autograd.grad(loss, [x, *parameters]))
+    for got, expected in zip(results[True][0] + results[True][1], results[False][0] + results[False][1]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("convs, pattern", [
+    ((nn.Conv2d(4, 2, 3), nn.Conv2d(4, 2, 1)), "1×1"),
+    ((nn.Conv2d(4, 2, 1, stride=2), nn.Conv2d(4, 2, 1)), "1×1"),
+    ((nn.Conv2d(4, 2, 1, groups=2), nn.Conv2d(4, 2, 1)), "1×1"),
+    ((nn.Conv2d(4, 2, 1, bias=False), nn.Conv2d(4, 2, 1)), "all with or all without bias"),
+], ids=["3x3", "stride", "groups", "mixed bias"])
+def test_stacked_projections_refuse_what_one_convolution_cannot_stack(convs, pattern):
+    for fused in (False, True):
+        with pytest.raises(ValueError, match=pattern):
+            project(torch.randn(1, 4, 5, 5), convs, fused=fused)
