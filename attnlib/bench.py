@@ -18,6 +18,13 @@ each keeps its best median, so that a burst of load on a shared machine, or whic
 first, does not decide the ratio.  Timings on shared machines are noisy: compare ratios taken
 within one run.
 
+``--interleave`` alternates the contenders call by call instead (:func:`interleaved_seconds`):
+turns of ``--burst`` calls each, for ``--rounds`` × ``--min-run-time`` seconds of timed calls per
+contender.  Load that comes and goes on a shared machine then falls on every contender alike,
+rather than on whichever round it hit.  A row's time is the fastest call, the least disturbed
+measurement of the computation (the rule of Python's ``timeit``); the ratio of the medians
+follows it in the table.  Each contender has its own copy of the block, with the same weights.
+
 ``--keep-freed-memory`` (glibc only) makes ``malloc`` keep freed memory in the process, as
 jemalloc and TCMalloc do; see :func:`keep_freed_memory`.  Without it, on a CPU, a block whose
 step takes milliseconds can spend much of it in page faults, and how much depends on the
@@ -28,16 +35,20 @@ Examples::
     python -m attnlib.bench                               # 1×512×97×97 and 1×512×64×64
     python -m attnlib.bench --sizes 1x512x64x64 2x128x45x60 --peers
     python -m attnlib.bench --sizes 1x512x64x64 2x128x45x60 --peers --keep-freed-memory
+    python -m attnlib.bench --sizes 1x512x64x64 2x128x45x60 --peers --keep-freed-memory --interleave
     python -m attnlib.bench --sizes 1x512x45x60 --blocks nonlocal cca --json bench.json
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import ctypes.util
 import json
 import logging
+import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -87,11 +98,13 @@ class Row:
     size: str
     path: str  # "reference", "fused" or "plain" (the attnlib.peers transcription)
     dtype: str
-    ms: float  # forward pass, no_grad
-    train_ms: float  # forward and backward
+    ms: float  # forward pass, no_grad: the best median, or with --interleave the fastest call
+    train_ms: float  # forward and backward, likewise
     gflops: float
     attention_mb: float | None  # None for the plain peer
     peak_mb: float | None
+    ms_median: float | None = None  # --interleave only: the median call
+    train_ms_median: float | None = None
 
 
 def keep_freed_memory() -> None:
@@ -124,6 +137,14 @@ def parse_size(text: str) -> tuple[int, int, int, int]:
     if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(f"expected a size BxCxHxW of positive ints, e.g. 1x512x97x97, got {text!r}")
     return tuple(int(p) for p in parts)
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not (text.isdigit() and int(text) >= low):
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {low}, got {text!r}")
+        return int(text)
+    return parse
 
 
 def block_inputs(name: str, size: tuple[int, int, int, int], device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -164,6 +185,38 @@ def _seconds(stmt: Callable, min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
+def interleaved_seconds(calls: dict[str, Callable[[], object]], min_run_time: float, *, burst: int = 3,
+                        min_calls: int = 5, clock: Callable[[], float] = time.perf_counter,
+                        synchronize: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds of every timed call of each contender, the contenders taking turns.
+
+    After two warm-up calls each, the contenders take turns of ``burst`` calls, until each has
+    been timed for ``min_run_time`` seconds in all and at least ``min_calls`` times.  The first
+    call of a turn is not timed: it pays for the caches the previous contender left.
+    ``synchronize`` (``torch.cuda.synchronize`` on a GPU) runs after every call, so that a
+    time covers the work the call queued and no earlier work.
+    """
+    if burst < 2:
+        raise ValueError(f"expected a burst of at least 2 calls (the first is not timed), got {burst}")
+    if not calls:
+        raise ValueError("expected at least one contender to time, got none")
+    for call in calls.values():
+        for _ in range(2):
+            call()
+            synchronize()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    while any(sum(t) < min_run_time or len(t) < min_calls for t in times.values()):
+        for name, call in calls.items():
+            call()
+            synchronize()
+            for _ in range(burst - 1):
+                start = clock()
+                call()
+                synchronize()
+                times[name].append(clock() - start)
+    return times
+
+
 def time_forward(block: Callable, inputs: tuple[torch.Tensor, ...], *, dtype: torch.dtype = torch.float32,
                  min_run_time: float = 1.0) -> float:
     """Median seconds of one ``block(*inputs)`` under ``no_grad`` (``torch.utils.benchmark``)."""
@@ -196,50 +249,74 @@ def peak_memory(block: nn.Module, inputs: tuple[torch.Tensor, ...], *, dtype: to
 
 
 def measure(name: str, size, device: torch.device, dtype: torch.dtype, min_run_time: float,
-            rounds: int = 3, peers: bool = False) -> list[Row]:
+            rounds: int = 3, peers: bool = False, interleave: bool = False, burst: int = 3) -> list[Row]:
     """The reference and the fused path of one block (and its plain peer), timed in alternating rounds.
 
     Each contender's time is the smallest of its ``rounds`` medians, for the forward pass and
-    the training step alike.
+    the training step alike.  With ``interleave``, the contenders alternate call by call
+    instead (:func:`interleaved_seconds`, ``rounds * min_run_time`` seconds each), and a
+    contender's time is its fastest call; the median call is kept beside it.
     """
     b, c, h, w = size
     block = BLOCKS[name](c).to(device).eval()
     inputs = block_inputs(name, size, device)
-    parameters = list(block.parameters())
     paths = ["reference", "fused"] + (["plain"] if peers else [])
     plain = PEERS[name]
 
-    def contender(path: str) -> Callable:
+    def contender(path: str, block: nn.Module) -> Callable:
         if path == "plain":
             return lambda *xs: plain(block, *xs)
         set_fused(block, path == "fused")
         return block
 
-    times = {path: [float("inf"), float("inf")] for path in paths}
-    for _ in range(rounds):
-        for path in paths:
-            run = contender(path)
-            best = times[path]
-            best[0] = min(best[0], time_forward(run, inputs, dtype=dtype, min_run_time=min_run_time))
-            best[1] = min(best[1], time_training_step(run, inputs, parameters=parameters, dtype=dtype,
-                                                      min_run_time=min_run_time))
+    if interleave:
+        # One copy of the block per contender: switching a shared block's path between calls
+        # would be timed with them, and each training step writes its own gradients.
+        copies = {path: copy.deepcopy(block) for path in paths}
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+        seconds = {}
+        for kind, make in (("forward", lambda run, own: _forward(run, inputs, dtype)),
+                           ("train", lambda run, own: _training_step(run, inputs, dtype, list(own.parameters())))):
+            seconds[kind] = interleaved_seconds(
+                {path: make(contender(path, own), own) for path, own in copies.items()},
+                rounds * min_run_time, burst=burst, synchronize=synchronize)
+        times = {path: [min(seconds["forward"][path]), min(seconds["train"][path])] for path in paths}
+        medians = {path: [statistics.median(seconds["forward"][path]), statistics.median(seconds["train"][path])]
+                   for path in paths}
+    else:
+        parameters = list(block.parameters())
+        times = {path: [float("inf"), float("inf")] for path in paths}
+        for _ in range(rounds):
+            for path in paths:
+                run = contender(path, block)
+                best = times[path]
+                best[0] = min(best[0], time_forward(run, inputs, dtype=dtype, min_run_time=min_run_time))
+                best[1] = min(best[1], time_training_step(run, inputs, parameters=parameters, dtype=dtype,
+                                                          min_run_time=min_run_time))
+        medians = {path: [None, None] for path in paths}
     element = torch.finfo(dtype).bits // 8
     rows = []
     for path in paths:
-        run = contender(path)
+        run = contender(path, block)
         peak = peak_memory(run, inputs, dtype=dtype)
         memory = (None if path == "plain"  # the analytic formulas describe attnlib's two paths only
                   else complexity.attention_memory(block, b, h, w, bytes_per_element=element) / 2**20)
+        forward_median, train_median = (None if m is None else m * 1e3 for m in medians[path])
         rows.append(Row(name, "x".join(map(str, size)), path, str(dtype).removeprefix("torch."),
                         times[path][0] * 1e3, times[path][1] * 1e3,
                         sum(complexity.flops(block, b, h, w).values()) / 1e9, memory,
-                        None if peak is None else peak / 2**20))
+                        None if peak is None else peak / 2**20, forward_median, train_median))
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
+    """One line per row; ``vs fused`` is the row's time over the fused path's, forward / training step.
+
+    Rows timed with ``--interleave`` also carry their medians, whose ratio gets a column of its own.
+    """
+    medians = any(r.ms_median is not None for r in rows)
     head = (f"{'block':<14}{'size':<14}{'path':<10}{'dtype':<9}{'fwd ms':>10}{'fwd+bwd ms':>12}{'vs fused':>15}"
-            f"{'GFLOPs':>9}{'attn MB':>10}{'peak MB':>9}")
+            + (f"{'medians vs fused':>18}" if medians else "") + f"{'GFLOPs':>9}{'attn MB':>10}{'peak MB':>9}")
     lines, fused = [head, "-" * len(head)], {}
     for r in rows:
         key = (r.block, r.size, r.dtype)
@@ -247,10 +324,14 @@ def format_table(rows: list[Row]) -> str:
             fused[key] = r
     for r in rows:
         f = fused.get((r.block, r.size, r.dtype))
-        ratio = f"{r.ms / f.ms:.2f}x/{r.train_ms / f.train_ms:.2f}x" if f is not None and r is not f else ""
+        compared = f is not None and r is not f
+        ratio = (f"{r.ms / f.ms:.2f}x/{r.train_ms / f.train_ms:.2f}x" if compared else "").rjust(15)
+        if medians:
+            ratio += (f"{r.ms_median / f.ms_median:.2f}x/{r.train_ms_median / f.train_ms_median:.2f}x"
+                      if compared and r.ms_median is not None and f.ms_median is not None else "").rjust(18)
         peak = "n/a" if r.peak_mb is None else f"{r.peak_mb:.1f}"
         memory = "-" if r.attention_mb is None else f"{r.attention_mb:.1f}"
-        lines.append(f"{r.block:<14}{r.size:<14}{r.path:<10}{r.dtype:<9}{r.ms:>10.2f}{r.train_ms:>12.2f}{ratio:>15}"
+        lines.append(f"{r.block:<14}{r.size:<14}{r.path:<10}{r.dtype:<9}{r.ms:>10.2f}{r.train_ms:>12.2f}{ratio}"
                      f"{r.gflops:>9.2f}{memory:>10}{peak:>9}")
     return "\n".join(lines)
 
@@ -263,7 +344,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
                         help=f"blocks to run, from {', '.join(BLOCKS)} (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per path; the best median counts")
+    parser.add_argument("--rounds", type=_at_least(1), default=3,
+                        help="alternating rounds per path; the best median counts")
+    parser.add_argument("--interleave", action="store_true",
+                        help="alternate the paths call by call for rounds × min-run-time seconds each; "
+                             "the fastest call counts, and the medians' ratio is shown beside it")
+    parser.add_argument("--burst", type=_at_least(2), default=3,
+                        help="with --interleave, calls per turn; the first of each is not timed (default: 3)")
     parser.add_argument("--peers", action="store_true",
                         help="also time each block's plain transcription (attnlib.peers), with the block's weights")
     parser.add_argument("--keep-freed-memory", action="store_true",
@@ -276,19 +363,22 @@ def main(argv: list[str] | None = None) -> list[Row]:
     device = torch.device(args.device)
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"attnlib.bench on {name}, torch {torch.__version__}, {malloc}; median times of a forward pass "
-          f"(no_grad) and of a forward and backward pass", flush=True)
+    method = (f"paths interleaved call by call, fastest call (turns of {args.burst})" if args.interleave
+              else f"median times, best of {args.rounds} alternating rounds")
+    print(f"attnlib.bench on {name}, torch {torch.__version__}, {malloc}; {method}; a forward pass "
+          f"(no_grad) and a forward and backward pass", flush=True)
     rows = []
     for size in args.sizes:
         for block in args.blocks:
             for dtype in dtypes:
-                new = measure(block, size, device, dtype, args.min_run_time, args.rounds, args.peers)
+                new = measure(block, size, device, dtype, args.min_run_time, args.rounds, args.peers,
+                              args.interleave, args.burst)
                 rows.extend(new)
                 print("\n".join(format_table(rows).splitlines()[-len(new):]), file=sys.stderr, flush=True)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "malloc": malloc,
+            json.dump({"device": name, "torch": torch.__version__, "malloc": malloc, "method": method,
                        "rows": [asdict(r) for r in rows]}, f, indent=1)
     return rows
 

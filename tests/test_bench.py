@@ -98,3 +98,56 @@ def test_bad_size_is_refused(size, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--sizes", size])
     assert "BxCxHxW" in capsys.readouterr().err
+
+
+def test_interleaved_contenders_take_turns_and_time_only_their_own_work():
+    """A fake clock and a fake queue: each call queues work that ``synchronize`` waits for, and a
+    call after another contender's costs 10 s more (cold caches).  Only warm, whole calls are timed."""
+    now, queued, log = [0.0], [0.0], []
+
+    def contender(name: str, seconds: float):
+        def call():
+            queued[0] += seconds + (10.0 if log and log[-1] != name else 0.0)
+            log.append(name)
+        return call
+
+    def synchronize():
+        now[0] += queued[0]
+        queued[0] = 0.0
+
+    times = bench.interleaved_seconds({"a": contender("a", 1.0), "b": contender("b", 2.0)}, 6.0, burst=3,
+                                      min_calls=5, clock=lambda: now[0], synchronize=synchronize)
+    # two warm-up calls each, then turns of three until both have ≥ 6 s and ≥ 5 timed calls
+    assert log == ["a", "a", "b", "b"] + (["a"] * 3 + ["b"] * 3) * 3
+    assert times == {"a": [1.0] * 6, "b": [2.0] * 6}
+
+
+@pytest.mark.parametrize("burst", [0, 1])
+def test_interleaving_needs_an_untimed_call_per_turn(burst):
+    with pytest.raises(ValueError, match=f"at least 2 calls.*got {burst}"):
+        bench.interleaved_seconds({"a": lambda: None}, 0.1, burst=burst)
+
+
+def test_interleave_reports_the_fastest_call_and_the_ratio_of_the_medians(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rows = bench.main(["--sizes", "1x16x5x6", "--blocks", "gc", "cca", "--min-run-time", "0.01", "--rounds", "1",
+                       "--device", "cpu", "--peers", "--interleave", "--json", str(out)])
+    assert [(r.block, r.path) for r in rows] == [(b, p) for b in ("gc", "cca") for p in ("reference", "fused", "plain")]
+    assert all(0 < r.ms <= r.ms_median and 0 < r.train_ms <= r.train_ms_median for r in rows)
+    printed = capsys.readouterr().out
+    assert "interleaved call by call" in printed.splitlines()[0] and "medians vs fused" in printed
+    fused = {r.block: r for r in rows if r.path == "fused"}
+    for r in rows:
+        if r.path != "fused":
+            f = fused[r.block]
+            line = next(line for line in printed.splitlines() if line.startswith(r.block) and f" {r.path} " in line)
+            assert (f"{r.ms / f.ms:.2f}x/{r.train_ms / f.train_ms:.2f}x"
+                    f"{f'{r.ms_median / f.ms_median:.2f}x/{r.train_ms_median / f.train_ms_median:.2f}x':>18}") in line
+    assert "interleaved" in json.loads(out.read_text())["method"]
+
+
+@pytest.mark.parametrize("flag, value", [("--rounds", "0"), ("--burst", "1"), ("--burst", "two")])
+def test_bad_counts_are_refused(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        bench.main([flag, value])
+    assert "expected an integer of at least" in capsys.readouterr().err
