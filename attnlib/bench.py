@@ -19,11 +19,11 @@ first, does not decide the ratio.  Timings on shared machines are noisy: compare
 within one run.
 
 ``--interleave`` alternates the contenders call by call instead (:func:`interleaved_seconds`):
-turns of ``--burst`` calls each, for ``--rounds`` × ``--min-run-time`` seconds of timed calls per
-contender.  Load that comes and goes on a shared machine then falls on every contender alike,
-rather than on whichever round it hit.  A row's time is the fastest call, the least disturbed
-measurement of the computation (the rule of Python's ``timeit``); the ratio of the medians
-follows it in the table.  Each contender has its own copy of the block, with the same weights.
+turns of ``--burst`` calls each, as many for every contender, for ``--rounds`` ×
+``--min-run-time`` seconds of timed calls per contender on average.  Load that comes and goes
+on a shared machine then falls on every contender alike, rather than on whichever round it hit.
+A row's time is the fastest call, the least disturbed measurement of the computation (the
+rule of Python's ``timeit``); the ratio of the medians follows it in the table.  Each contender has its own copy of the block, with the same weights.
 
 ``--keep-freed-memory`` (glibc only) makes ``malloc`` keep freed memory in the process, as
 jemalloc and TCMalloc do; see :func:`keep_freed_memory`.  Without it, on a CPU, a block whose
@@ -191,10 +191,12 @@ def interleaved_seconds(calls: dict[str, Callable[[], object]], min_run_time: fl
     """Seconds of every timed call of each contender, the contenders taking turns.
 
     After two warm-up calls each, the contenders take turns of ``burst`` calls, until each has
-    been timed for ``min_run_time`` seconds in all and at least ``min_calls`` times.  The first
-    call of a turn is not timed: it pays for the caches the previous contender left.
-    ``synchronize`` (``torch.cuda.synchronize`` on a GPU) runs after every call, so that a
-    time covers the work the call queued and no earlier work.
+    been timed at least ``min_calls`` times and all together for ``min_run_time`` seconds per
+    contender.  Every contender gets as many calls as the others: a path ten times slower
+    than the fastest does not run for ten times its budget.  The first call of a turn is not
+    timed: it pays for the caches the previous contender left.  ``synchronize``
+    (``torch.cuda.synchronize`` on a GPU) runs after every call, so that a time covers the
+    work the call queued and no earlier work.
     """
     if burst < 2:
         raise ValueError(f"expected a burst of at least 2 calls (the first is not timed), got {burst}")
@@ -205,7 +207,8 @@ def interleaved_seconds(calls: dict[str, Callable[[], object]], min_run_time: fl
             call()
             synchronize()
     times: dict[str, list[float]] = {name: [] for name in calls}
-    while any(sum(t) < min_run_time or len(t) < min_calls for t in times.values()):
+    budget, spent = min_run_time * len(calls), 0.0
+    while spent < budget or len(times[next(iter(calls))]) < min_calls:
         for name, call in calls.items():
             call()
             synchronize()
@@ -214,6 +217,7 @@ def interleaved_seconds(calls: dict[str, Callable[[], object]], min_run_time: fl
                 call()
                 synchronize()
                 times[name].append(clock() - start)
+                spent += times[name][-1]
     return times
 
 
@@ -254,7 +258,7 @@ def measure(name: str, size, device: torch.device, dtype: torch.dtype, min_run_t
 
     Each contender's time is the smallest of its ``rounds`` medians, for the forward pass and
     the training step alike.  With ``interleave``, the contenders alternate call by call
-    instead (:func:`interleaved_seconds`, ``rounds * min_run_time`` seconds each), and a
+    instead (:func:`interleaved_seconds`, ``rounds * min_run_time`` seconds per path), and a
     contender's time is its fastest call; the median call is kept beside it.
     """
     b, c, h, w = size
@@ -347,8 +351,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--rounds", type=_at_least(1), default=3,
                         help="alternating rounds per path; the best median counts")
     parser.add_argument("--interleave", action="store_true",
-                        help="alternate the paths call by call for rounds × min-run-time seconds each; "
-                             "the fastest call counts, and the medians' ratio is shown beside it")
+                        help="alternate the paths call by call, as many calls each, for rounds × min-run-time "
+                             "seconds per path; the fastest call counts, and the medians' ratio is shown beside it")
     parser.add_argument("--burst", type=_at_least(2), default=3,
                         help="with --interleave, calls per turn; the first of each is not timed (default: 3)")
     parser.add_argument("--peers", action="store_true",

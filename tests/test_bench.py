@@ -115,11 +115,17 @@ def test_interleaved_contenders_take_turns_and_time_only_their_own_work():
         now[0] += queued[0]
         queued[0] = 0.0
 
-    times = bench.interleaved_seconds({"a": contender("a", 1.0), "b": contender("b", 2.0)}, 6.0, burst=3,
-                                      min_calls=5, clock=lambda: now[0], synchronize=synchronize)
-    # two warm-up calls each, then turns of three until both have ≥ 6 s and ≥ 5 timed calls
+    calls = {"a": contender("a", 1.0), "b": contender("b", 2.0)}
+    times = bench.interleaved_seconds(calls, 6.0, burst=3, min_calls=5, clock=lambda: now[0], synchronize=synchronize)
+    # two warm-up calls each, then turns of three until both have ≥ 5 timed calls (3 turns: 6 each)
+    # and 2 × 6 s of timed calls in all (2 turns)
     assert log == ["a", "a", "b", "b"] + (["a"] * 3 + ["b"] * 3) * 3
     assert times == {"a": [1.0] * 6, "b": [2.0] * 6}
+    # the budget is shared: the fast contender does not hold the slow one to 6 s of its own (3 turns)
+    log.clear()
+    times = bench.interleaved_seconds(calls, 6.0, burst=3, min_calls=2, clock=lambda: now[0], synchronize=synchronize)
+    assert log == ["a", "a", "b", "b"] + (["a"] * 3 + ["b"] * 3) * 2  # 2 × (2 + 4) s ≥ 2 × 6 s
+    assert times == {"a": [1.0] * 4, "b": [2.0] * 4}
 
 
 @pytest.mark.parametrize("burst", [0, 1])
