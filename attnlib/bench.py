@@ -23,7 +23,8 @@ turns of ``--burst`` calls each, as many for every contender, for ``--rounds`` Ã
 ``--min-run-time`` seconds of timed calls per contender on average.  Load that comes and goes
 on a shared machine then falls on every contender alike, rather than on whichever round it hit.
 A row's time is the fastest call, the least disturbed measurement of the computation (the
-rule of Python's ``timeit``); the ratio of the medians follows it in the table.  Each contender has its own copy of the block, with the same weights.
+rule of Python's ``timeit``); the ratio of the medians follows it in the table.  Each
+contender has its own copy of the block, with the same weights.
 
 ``--keep-freed-memory`` (glibc only) makes ``malloc`` keep freed memory in the process, as
 jemalloc and TCMalloc do; see :func:`keep_freed_memory`.  Without it, on a CPU, a block whose
@@ -208,7 +209,8 @@ def interleaved_seconds(calls: dict[str, Callable[[], object]], min_run_time: fl
             synchronize()
     times: dict[str, list[float]] = {name: [] for name in calls}
     budget, spent = min_run_time * len(calls), 0.0
-    while spent < budget or len(times[next(iter(calls))]) < min_calls:
+    first = next(iter(calls))  # every contender has as many timed calls as the first
+    while spent < budget or len(times[first]) < min_calls:
         for name, call in calls.items():
             call()
             synchronize()
