@@ -26,6 +26,11 @@ A row's time is the fastest call, the least disturbed measurement of the computa
 rule of Python's ``timeit``); the ratio of the medians follows it in the table.  Each
 contender has its own copy of the block, with the same weights.
 
+``--processes N`` runs the whole measurement N times, each in a fresh process, and reports each
+row's times as their medians over the N.  Ratios near 1.0 move between processes by more
+than within one (each process places its contenders' memory once), so a table to quote is
+best taken this way.
+
 ``--keep-freed-memory`` (glibc only) makes ``malloc`` keep freed memory in the process, as
 jemalloc and TCMalloc do; see :func:`keep_freed_memory`.  Without it, on a CPU, a block whose
 step takes milliseconds can spend much of it in page faults, and how much depends on the
@@ -37,6 +42,7 @@ Examples::
     python -m attnlib.bench --sizes 1x512x64x64 2x128x45x60 --peers
     python -m attnlib.bench --sizes 1x512x64x64 2x128x45x60 --peers --keep-freed-memory
     python -m attnlib.bench --sizes 1x512x64x64 2x128x45x60 --peers --keep-freed-memory --interleave
+    python -m attnlib.bench --sizes 2x128x45x60 --peers --interleave --processes 3
     python -m attnlib.bench --sizes 1x512x45x60 --blocks nonlocal cca --json bench.json
 """
 from __future__ import annotations
@@ -47,10 +53,13 @@ import ctypes
 import ctypes.util
 import json
 import logging
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -342,6 +351,39 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def median_rows(runs: list[list[Row]]) -> list[Row]:
+    """The rows of several runs of the same measurement, each time the median of its values over the runs."""
+    keys = [[(r.block, r.size, r.path, r.dtype) for r in run] for run in runs]
+    if any(k != keys[0] for k in keys):
+        raise ValueError("median_rows: expected runs of the same rows in the same order, got different rows")
+
+    def median(rows: tuple[Row, ...], field: str) -> float | None:
+        values = [getattr(r, field) for r in rows]
+        return None if None in values else statistics.median(values)
+
+    fields = ("ms", "train_ms", "ms_median", "train_ms_median", "peak_mb")
+    return [replace(rows[0], **{f: median(rows, f) for f in fields}) for rows in zip(*runs)]
+
+
+def _in_processes(args: argparse.Namespace) -> list[Row]:
+    """Run the measurement ``args`` asks for in ``args.processes`` fresh processes, one after the other."""
+    argv = ["--sizes", *("x".join(map(str, s)) for s in args.sizes), "--blocks", *args.blocks,
+            "--device", args.device, "--min-run-time", str(args.min_run_time), "--rounds", str(args.rounds),
+            "--burst", str(args.burst)]
+    argv += [flag for flag, on in (("--interleave", args.interleave), ("--peers", args.peers),
+                                   ("--keep-freed-memory", args.keep_freed_memory)) if on]
+    runs = []
+    with tempfile.TemporaryDirectory() as folder:
+        for i in range(args.processes):
+            path = os.path.join(folder, f"{i}.json")
+            done = subprocess.run([sys.executable, "-m", "attnlib.bench", *argv, "--json", path],
+                                  stdout=subprocess.PIPE, text=True, check=True)
+            print(f"process {i + 1} of {args.processes}:\n{done.stdout}", file=sys.stderr, flush=True)
+            with open(path) as f:
+                runs.append([Row(**row) for row in json.load(f)["rows"]])
+    return median_rows(runs)
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(prog="python -m attnlib.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=[parse_size(s) for s in DEFAULT_SIZES],
@@ -361,9 +403,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
                         help="also time each block's plain transcription (attnlib.peers), with the block's weights")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="keep freed memory mapped (glibc's mallopt), so that times leave out page faults")
+    parser.add_argument("--processes", type=_at_least(1), default=1,
+                        help="run it all this many times, each in a fresh process, and report each time's median")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
-    if args.keep_freed_memory:
+    if args.keep_freed_memory and args.processes == 1:
         keep_freed_memory()
     malloc = "malloc keeps freed memory" if args.keep_freed_memory else "default malloc"
     device = torch.device(args.device)
@@ -371,16 +415,23 @@ def main(argv: list[str] | None = None) -> list[Row]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     method = (f"paths interleaved call by call, fastest call (turns of {args.burst})" if args.interleave
               else f"median times, best of {args.rounds} alternating rounds")
-    print(f"attnlib.bench on {name}, torch {torch.__version__}, {malloc}; {method}; a forward pass "
-          f"(no_grad) and a forward and backward pass", flush=True)
-    rows = []
-    for size in args.sizes:
-        for block in args.blocks:
-            for dtype in dtypes:
-                new = measure(block, size, device, dtype, args.min_run_time, args.rounds, args.peers,
-                              args.interleave, args.burst)
-                rows.extend(new)
-                print("\n".join(format_table(rows).splitlines()[-len(new):]), file=sys.stderr, flush=True)
+    if args.processes > 1:
+        method += f"; each time the median of {args.processes} processes"
+    header = (f"attnlib.bench on {name}, torch {torch.__version__}, {malloc}; {method}; a forward pass "
+              f"(no_grad) and a forward and backward pass")
+    if args.processes > 1:
+        rows = _in_processes(args)  # each process prints its own header and table, to stderr here
+        print(header, flush=True)
+    else:
+        print(header, flush=True)
+        rows = []
+        for size in args.sizes:
+            for block in args.blocks:
+                for dtype in dtypes:
+                    new = measure(block, size, device, dtype, args.min_run_time, args.rounds, args.peers,
+                                  args.interleave, args.burst)
+                    rows.extend(new)
+                    print("\n".join(format_table(rows).splitlines()[-len(new):]), file=sys.stderr, flush=True)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -157,3 +157,33 @@ def test_bad_counts_are_refused(flag, value, capsys):
     with pytest.raises(SystemExit):
         bench.main([flag, value])
     assert "expected an integer of at least" in capsys.readouterr().err
+
+
+def test_processes_report_each_time_as_its_median_over_fresh_processes(monkeypatch, tmp_path, capsys):
+    """Each process is run here, in this one, through the command line it would get; the table is their medians."""
+    runs = []
+
+    def run(command, **kwargs):
+        assert command[:3] == [bench.sys.executable, "-m", "attnlib.bench"] and "--processes" not in command
+        runs.append(bench.main(command[3:]))
+        return bench.subprocess.CompletedProcess(command, 0, stdout="its table\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    out = tmp_path / "bench.json"
+    rows = bench.main(["--sizes", "1x8x4x5", "--blocks", "cam", "--min-run-time", "0.01", "--rounds", "1",
+                       "--device", "cpu", "--peers", "--interleave", "--burst", "2", "--processes", "3",
+                       "--json", str(out)])
+    assert len(runs) == 3 and all(r.ms_median is not None for run in runs for r in run)  # the settings went through
+    for i, row in enumerate(rows):
+        for field in ("ms", "train_ms", "ms_median", "train_ms_median"):
+            assert getattr(row, field) == sorted(getattr(run[i], field) for run in runs)[1]
+    printed = capsys.readouterr()
+    header = [line for line in printed.out.splitlines() if line.startswith("attnlib.bench on")][-1]  # the last: ours
+    assert "median of 3 processes" in header and "process 3 of 3:\nits table" in printed.err
+    assert "median of 3 processes" in json.loads(out.read_text())["method"]
+
+
+def test_median_rows_refuses_runs_of_different_rows():
+    row = bench.Row("cam", "1x8x4x5", "fused", "float32", 1.0, 2.0, 0.1, 0.0, None)
+    with pytest.raises(ValueError, match="same rows in the same order"):
+        bench.median_rows([[row], [bench.replace(row, path="plain")]])
