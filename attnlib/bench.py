@@ -27,9 +27,9 @@ rule of Python's ``timeit``); the ratio of the medians follows it in the table. 
 contender has its own copy of the block, with the same weights.
 
 ``--processes N`` runs the whole measurement N times, each in a fresh process, and reports each
-row's times as their medians over the N.  Ratios near 1.0 move between processes by more
-than within one (each process places its contenders' memory once), so a table to quote is
-best taken this way.
+row's times, and each ratio to the fused path (taken within each process), as their medians
+over the N.  Ratios near 1.0 move between processes by more than within one (each process
+places its contenders' memory once), so a table to quote is best taken this way.
 
 ``--keep-freed-memory`` (glibc only) makes ``malloc`` keep freed memory in the process, as
 jemalloc and TCMalloc do; see :func:`keep_freed_memory`.  Without it, on a CPU, a block whose
@@ -115,6 +115,8 @@ class Row:
     peak_mb: float | None
     ms_median: float | None = None  # --interleave only: the median call
     train_ms_median: float | None = None
+    # --processes only: the medians over the processes of the ratios to the fused path (see _ratios)
+    vs_fused: list[float | None] | None = None
 
 
 def keep_freed_memory() -> None:
@@ -324,26 +326,36 @@ def measure(name: str, size, device: torch.device, dtype: torch.dtype, min_run_t
     return rows
 
 
+def _ratios(row: Row, fused: Row) -> list[float | None]:
+    """``row``'s times over ``fused``'s: forward, training step, and those of the median calls (or None)."""
+    medians = row.ms_median is not None and fused.ms_median is not None
+    return [row.ms / fused.ms, row.train_ms / fused.train_ms,
+            row.ms_median / fused.ms_median if medians else None,
+            row.train_ms_median / fused.train_ms_median if medians else None]
+
+
+def _fused_rows(rows: list[Row]) -> dict[tuple[str, str, str], Row]:
+    return {(r.block, r.size, r.dtype): r for r in rows if r.path == "fused"}
+
+
 def format_table(rows: list[Row]) -> str:
     """One line per row; ``vs fused`` is the row's time over the fused path's, forward / training step.
 
     Rows timed with ``--interleave`` also carry their medians, whose ratio gets a column of its own.
+    With ``--processes``, each ratio is its median over the processes.
     """
     medians = any(r.ms_median is not None for r in rows)
     head = (f"{'block':<14}{'size':<14}{'path':<10}{'dtype':<9}{'fwd ms':>10}{'fwd+bwd ms':>12}{'vs fused':>15}"
             + (f"{'medians vs fused':>18}" if medians else "") + f"{'GFLOPs':>9}{'attn MB':>10}{'peak MB':>9}")
-    lines, fused = [head, "-" * len(head)], {}
-    for r in rows:
-        key = (r.block, r.size, r.dtype)
-        if r.path == "fused":
-            fused[key] = r
+    lines, fused = [head, "-" * len(head)], _fused_rows(rows)
     for r in rows:
         f = fused.get((r.block, r.size, r.dtype))
         compared = f is not None and r is not f
-        ratio = (f"{r.ms / f.ms:.2f}x/{r.train_ms / f.train_ms:.2f}x" if compared else "").rjust(15)
+        forward, train, forward_median, train_median = (
+            (r.vs_fused if r.vs_fused is not None else _ratios(r, f)) if compared else [None] * 4)
+        ratio = (f"{forward:.2f}x/{train:.2f}x" if compared else "").rjust(15)
         if medians:
-            ratio += (f"{r.ms_median / f.ms_median:.2f}x/{r.train_ms_median / f.train_ms_median:.2f}x"
-                      if compared and r.ms_median is not None and f.ms_median is not None else "").rjust(18)
+            ratio += (f"{forward_median:.2f}x/{train_median:.2f}x" if forward_median is not None else "").rjust(18)
         peak = "n/a" if r.peak_mb is None else f"{r.peak_mb:.1f}"
         memory = "-" if r.attention_mb is None else f"{r.attention_mb:.1f}"
         lines.append(f"{r.block:<14}{r.size:<14}{r.path:<10}{r.dtype:<9}{r.ms:>10.2f}{r.train_ms:>12.2f}{ratio}"
@@ -352,17 +364,29 @@ def format_table(rows: list[Row]) -> str:
 
 
 def median_rows(runs: list[list[Row]]) -> list[Row]:
-    """The rows of several runs of the same measurement, each time the median of its values over the runs."""
+    """The rows of several runs of the same measurement: each time, and each ratio to the fused path, its median.
+
+    The ratios are taken within each run and then their median: a machine that runs faster in
+    one process than in another changes the times, not the ratios.
+    """
     keys = [[(r.block, r.size, r.path, r.dtype) for r in run] for run in runs]
     if any(k != keys[0] for k in keys):
         raise ValueError("median_rows: expected runs of the same rows in the same order, got different rows")
 
-    def median(rows: tuple[Row, ...], field: str) -> float | None:
-        values = [getattr(r, field) for r in rows]
+    def median(values: list[float | None]) -> float | None:
         return None if None in values else statistics.median(values)
 
-    fields = ("ms", "train_ms", "ms_median", "train_ms_median", "peak_mb")
-    return [replace(rows[0], **{f: median(rows, f) for f in fields}) for rows in zip(*runs)]
+    fused = [_fused_rows(run) for run in runs]
+    rows = []
+    for same in zip(*runs):
+        row = replace(same[0], **{f: median([getattr(r, f) for r in same])
+                                  for f in ("ms", "train_ms", "ms_median", "train_ms_median", "peak_mb")})
+        key = (row.block, row.size, row.dtype)
+        if row.path != "fused" and key in fused[0]:
+            ratios = [_ratios(r, by_key[key]) for r, by_key in zip(same, fused)]
+            row = replace(row, vs_fused=[median(list(values)) for values in zip(*ratios)])
+        rows.append(row)
+    return rows
 
 
 def _in_processes(args: argparse.Namespace) -> list[Row]:
@@ -404,7 +428,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="keep freed memory mapped (glibc's mallopt), so that times leave out page faults")
     parser.add_argument("--processes", type=_at_least(1), default=1,
-                        help="run it all this many times, each in a fresh process, and report each time's median")
+                        help="run it all this many times, each in a fresh process, and report each time, and "
+                             "each ratio to the fused path, as its median over them")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     if args.keep_freed_memory and args.processes == 1:

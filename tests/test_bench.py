@@ -177,10 +177,28 @@ def test_processes_report_each_time_as_its_median_over_fresh_processes(monkeypat
     for i, row in enumerate(rows):
         for field in ("ms", "train_ms", "ms_median", "train_ms_median"):
             assert getattr(row, field) == sorted(getattr(run[i], field) for run in runs)[1]
+    fused = rows[1]
+    assert [r.path for r in rows] == ["reference", "fused", "plain"] and fused.vs_fused is None
+    for i in (0, 2):
+        assert rows[i].vs_fused[0] == sorted(run[i].ms / run[1].ms for run in runs)[1]
+        assert rows[i].vs_fused[3] == sorted(run[i].train_ms_median / run[1].train_ms_median for run in runs)[1]
     printed = capsys.readouterr()
     header = [line for line in printed.out.splitlines() if line.startswith("attnlib.bench on")][-1]  # the last: ours
     assert "median of 3 processes" in header and "process 3 of 3:\nits table" in printed.err
     assert "median of 3 processes" in json.loads(out.read_text())["method"]
+
+
+def test_median_rows_takes_the_ratios_within_each_process():
+    """A machine twice as fast in one process changes the times, not the ratios: the median ratio
+    (1.0 here) is not the ratio of the median times (15 / 12 = 1.25)."""
+    def run(fused: float, plain: float) -> list:
+        return [bench.Row("cam", "1x8x4x5", path, "float32", ms, 2 * ms, 0.1, None, None)
+                for path, ms in (("fused", fused), ("plain", plain))]
+
+    rows = bench.median_rows([run(10.0, 10.0), run(20.0, 16.0), run(12.0, 15.0)])
+    assert (rows[0].ms, rows[1].ms) == (12.0, 15.0)
+    assert rows[1].vs_fused == [1.0, 1.0, None, None] and rows[0].vs_fused is None
+    assert "1.00x/1.00x" in bench.format_table(rows).splitlines()[-1]
 
 
 def test_median_rows_refuses_runs_of_different_rows():
