@@ -86,14 +86,14 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
     return [nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
 
 
-# The padded map, viewed as (B, C, g_h, d_h, g_w, d_w), is permuted so that the channels come
-# first, then the group, then the position inside the group:
-#   long range  -> (C | B, d_h, d_w | g_h, g_w): one group per offset, one position from every block;
-#   short range -> (C | B, g_h, g_w | d_h, d_w): one group per block, its d_h·d_w positions.
-_GROUP = {"long": (1, 0, 3, 5, 2, 4), "short": (1, 0, 2, 4, 3, 5)}
-# The attention returns the groups first, (B, d_h, d_w | C | g_h, g_w) or (B, g_h, g_w | C | d_h, d_w);
-# the inverses of those orders put them back into the map.
+# The padded map, viewed as (B, C, g_h, d_h, g_w, d_w), is permuted so that the groups come
+# first, then the channels, then the position inside the group:
+#   long range  -> (B, d_h, d_w | C | g_h, g_w): one group per offset, one position from every block;
+#   short range -> (B, g_h, g_w | C | d_h, d_w): one group per block, its d_h·d_w positions.
+# The attention returns its context in this order too; the inverses put it back into the map.
 _GROUP_FIRST = {"long": (0, 3, 5, 1, 2, 4), "short": (0, 2, 4, 1, 3, 5)}
+# In training the channels come first instead: (C | B, d_h, d_w | g_h, g_w), (C | B, g_h, g_w | d_h, d_w).
+_CHANNELS_FIRST = (3, 0, 1, 2, 4, 5)  # applied after _GROUP_FIRST
 _UNGROUP = {kind: tuple(perm.index(axis) for axis in range(6)) for kind, perm in _GROUP_FIRST.items()}
 
 
@@ -136,19 +136,25 @@ class _Layout:
         top, left = self.offset
         return x[..., top:top + self.height, left:left + self.width]
 
-    def group(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """B×C×H_p×W_p → 1×C×(B·groups)×(positions per group): one group per row.
+    def group(self, x: torch.Tensor, kind: str, *,
+              channels_first: bool = True) -> torch.Tensor:
+        """B×C×H_p×W_p → one group per row: (B·groups)×C×S×1, or 1×C×(B·groups)×S.
 
-        ``kind`` is ``"long"`` or ``"short"``.  The groups are the rows of one map, so
-        the 1×1 convolutions and BatchNorm run on them as they would on the padded map
-        (one copy, as in the official code, instead of one per projection), and each
-        channel is one contiguous plane: the channels of a stacked projection
-        (:func:`attnlib.core.project`) are contiguous slices.
+        ``kind`` is ``"long"`` or ``"short"``; S is the positions per group.  Groups
+        first, each group's channels are one block, which the products of the attention
+        read best (inference).  ``channels_first`` makes the groups the rows of one map,
+        each channel one contiguous plane: the channels of a stacked projection
+        (:func:`attnlib.core.project`) are then contiguous slices, which BatchNorm's
+        batch statistics and their gradients read best (training).  Either way, the 1×1
+        convolutions and BatchNorm run on the groups as they would on the padded map.
         """
         (gh, gw), (dh, dw) = self.grid, self.block
         b, c = x.shape[:2]
-        grouped = x.reshape(b, c, gh, dh, gw, dw).permute(_GROUP[kind])
-        return grouped.reshape(1, c, b * self.groups(kind), -1)
+        grouped = x.reshape(b, c, gh, dh, gw, dw).permute(_GROUP_FIRST[kind])
+        rows = b * self.groups(kind)
+        if channels_first:
+            return grouped.permute(_CHANNELS_FIRST).reshape(1, c, rows, -1)
+        return grouped.reshape(rows, c, -1, 1)
 
     def ungroup(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """(B·groups)×C×positions×1 → B×C×H_p×W_p: the groups back into the map.
@@ -215,17 +221,22 @@ class SelfAttentionBlock(nn.Module):
 
         ``mask_padding=False`` lets padded positions be keys, as the official code does.
         """
-        groups = layout.group(x, kind)  # 1×C×(B·groups)×S
-        # θ, φ, g on the groups; their first convolutions all read the groups (one
-        # stacked convolution when fused, see attnlib.core.project)
-        q, k, v = project(groups, (self.query[0], self.key[0], self.value), fused=fused)
-        q, k = self.query[1:](q), self.key[1:](k)
+        # (B·groups)×C×S×1, or in training 1×C×(B·groups)×S (see _Layout.group)
+        groups = layout.group(x, kind, channels_first=self.training)
+        # θ, φ, g on the groups: their first layers all read the groups (one stacked
+        # convolution when fused, BatchNorms folded in eval mode: attnlib.core.project)
+        first = (self.query[:3], self.key[:3], self.value)
+        q, k, v = project(groups, first, fused=fused)
+        (q,), (k,) = (project(t, (f[3:],), fused=fused)
+                      for t, f in ((q, self.query), (k, self.key)))
         # each as (B·groups)×S×width: S tokens per group
-        q, k, v = (t[0].permute(1, 2, 0) for t in (q, k, v))
+        q, k, v = (t[0].permute(1, 2, 0) if self.training else t.flatten(2).mT
+                   for t in (q, k, v))
         mask = layout.key_mask(kind, x.shape[0], x.device) if mask_padding else None
         context, weights = attend(q, k, v, scale=self.key_channels ** -0.5, mask=mask,
                                   need_weights=need_weights, fused=fused)
-        out = self.out(context.mT.unsqueeze(-1))  # ρ on (B·groups)×d_v×S×1
+        # ρ on (B·groups)×d_v×S×1
+        (out,) = project(context.mT.unsqueeze(-1), (self.out,), fused=fused)
         if weights is not None:
             weights = weights.reshape(x.shape[0], -1, *weights.shape[-2:])
         return layout.ungroup(out, kind), weights

@@ -1,13 +1,14 @@
 """The attention core: both paths agree, masks mean what they say, bad operands are refused."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from attnlib.core import attend, project
+from attnlib.core import attend, fold_batch_norm, project
 
 
 def operands(*batch, n_q=7, n_k=9, d_k=5, d_v=3, dtype=torch.float32, seed=0):
@@ -484,30 +485,109 @@ def test_cpu_training_keeps_a_wide_heads_matrix(monkeypatch, d_k, training, expe
     torch.testing.assert_close(out, attend(q, k, v, fused=False)[0], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("bias", [True, False])
+def _outputs_and_gradients(layers, x, fused):
+    outputs = project(x, layers, fused=fused)
+    loss = sum((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view_as(t)).sum() for t in outputs)
+    parameters = [p for layer in layers for p in layer.parameters()]
+    return outputs, torch.autograd.grad(loss, [x, *parameters])
+
+
+@pytest.mark.parametrize("bias", [True, False, "mixed"])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_stacked_projections_equal_the_convolutions_one_by_one(bias, batch):
     torch.manual_seed(0)
-    convs = [nn.Conv2d(6, out, 1, bias=bias).double() for out in (2, 2, 5)]
+    biases = (True, False, True) if bias == "mixed" else (bias,) * 3
+    convs = [nn.Conv2d(6, out, 1, bias=b).double() for out, b in zip((2, 2, 5), biases)]
     x = torch.randn(batch, 6, 4, 3, dtype=torch.float64, requires_grad=True)
-    results = {}
-    for fused in (False, True):
-        outputs = project(x, convs, fused=fused)
-        assert [tuple(t.shape) for t in outputs] == [(batch, out, 4, 3) for out in (2, 2, 5)]
-        loss = sum((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view_as(t)).sum() for t in outputs)
-        parameters = [p for conv in convs for p in conv.parameters()]
-        results[fused] = (outputs, torch.autograd.grad(loss, [x, *parameters]))
+    results = {fused: _outputs_and_gradients(convs, x, fused) for fused in (False, True)}
+    assert [tuple(t.shape) for t in results[True][0]] == [(batch, out, 4, 3) for out in (2, 2, 5)]
     for got, expected in zip(results[True][0] + results[True][1], results[False][0] + results[False][1]):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("convs, pattern", [
+def _conv_bn_relu_units():
+    units = [nn.Sequential(nn.Conv2d(6, 3, 1, bias=False), nn.BatchNorm2d(3), nn.ReLU(inplace=True)),
+             nn.Sequential(nn.Conv2d(6, 2, 1), nn.BatchNorm2d(2, affine=False)),  # a bias, no γ and β
+             nn.Conv2d(6, 4, 1, bias=False),
+             nn.Sequential(nn.Conv2d(6, 2, 1, bias=False), nn.ReLU())]
+    for unit in units:
+        for m in unit.modules():
+            if isinstance(m, nn.BatchNorm2d):  # statistics and affine far from the identity
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.2, 3)
+                if m.affine:
+                    nn.init.uniform_(m.weight, -2, 2)
+                    nn.init.uniform_(m.bias, -1, 1)
+    return [unit.double() for unit in units]
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_stacked_conv_bn_relu_units_equal_the_layers_one_by_one(train, batch):
+    """BatchNorm folded into its convolution in eval mode, batch statistics in training."""
+    torch.manual_seed(0)
+    reference = _conv_bn_relu_units()
+    stacked = copy.deepcopy(reference)
+    x = torch.randn(batch, 6, 4, 3, dtype=torch.float64, requires_grad=True)
+    results = {}
+    for fused, units in ((False, reference), (True, stacked)):
+        for unit in units:
+            unit.train(train)
+        results[fused] = _outputs_and_gradients(units, x, fused)
+    for got, expected in zip(results[True][0] + results[True][1], results[False][0] + results[False][1]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    for a, b in zip(reference, stacked):  # training updates the same running statistics
+        for (name, buffer), other in zip(a.named_buffers(), b.buffers()):
+            torch.testing.assert_close(other, buffer, rtol=0, atol=1e-14, msg=name)
+
+
+class _Calls(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", ""))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_stacked_projections_fold_batch_norm_only_in_eval_mode(train):
+    units = [unit.train(train) for unit in _conv_bn_relu_units()]
+    with torch.no_grad(), _Calls() as calls:
+        project(torch.randn(1, 6, 4, 3, dtype=torch.float64), units, fused=True)
+    assert calls.names.count("conv2d") == 1
+    assert calls.names.count("batch_norm") == (2 if train else 0)
+
+
+def test_folded_batch_norm_is_the_affine_map_it_replaces():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 2, 1).double()
+    norm = nn.BatchNorm2d(2).double().eval()
+    mean, var, gamma, beta = (torch.tensor(v, dtype=torch.float64)
+                              for v in ([0.5, -1.0], [4.0, 0.25], [3.0, -1.0], [0.1, 0.2]))
+    for buffer, value in ((norm.running_mean, mean), (norm.running_var, var), (norm.weight, gamma), (norm.bias, beta)):
+        buffer.data.copy_(value)
+    weight, bias = fold_batch_norm(conv, norm)
+    s = gamma / (var + norm.eps).sqrt()
+    torch.testing.assert_close(weight, conv.weight * s[:, None, None, None], rtol=0, atol=1e-15)
+    torch.testing.assert_close(bias, beta + s * (conv.bias - mean), rtol=0, atol=1e-15)
+    assert fold_batch_norm(conv, norm.train()) == (conv.weight, conv.bias)  # batch statistics: nothing to fold
+    assert fold_batch_norm(conv, None) == (conv.weight, conv.bias)
+
+
+@pytest.mark.parametrize("layers, pattern", [
     ((nn.Conv2d(4, 2, 3), nn.Conv2d(4, 2, 1)), "1×1"),
     ((nn.Conv2d(4, 2, 1, stride=2), nn.Conv2d(4, 2, 1)), "1×1"),
     ((nn.Conv2d(4, 2, 1, groups=2), nn.Conv2d(4, 2, 1)), "1×1"),
-    ((nn.Conv2d(4, 2, 1, bias=False), nn.Conv2d(4, 2, 1)), "all with or all without bias"),
-], ids=["3x3", "stride", "groups", "mixed bias"])
-def test_stacked_projections_refuse_what_one_convolution_cannot_stack(convs, pattern):
+    ((nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)),), "1×1"),
+    ((nn.Sequential(nn.Conv2d(4, 2, 1), nn.ReLU(), nn.BatchNorm2d(2)),), "BatchNorm2d and/or a ReLU"),
+    ((nn.Sequential(nn.Conv2d(4, 2, 1), nn.Dropout()),), "BatchNorm2d and/or a ReLU"),
+    ((nn.Linear(4, 2),), "1×1"),
+], ids=["3x3", "stride", "groups", "norm first", "norm last", "dropout", "linear"])
+def test_stacked_projections_refuse_what_one_convolution_cannot_stack(layers, pattern):
     for fused in (False, True):
         with pytest.raises(ValueError, match=pattern):
-            project(torch.randn(1, 4, 5, 5), convs, fused=fused)
+            project(torch.randn(1, 4, 5, 5), layers, fused=fused)
+
+
