@@ -526,11 +526,11 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...], *,
     training step one gradient for ``x`` instead of a sum of several.  A BatchNorm in
     eval mode is folded into its convolution (:func:`fold_batch_norm`), which saves it
     a pass over the map.  The outputs are channel slices of one map, contiguous for a
-    batch of one (ISA trains on its groups as one, see ``_Layout.group``).  ``fused=False``
-    calls each layer.  On the 2-core CPU where it was measured (2×128×45×60, freed
-    memory kept, the fastest of 50–130 alternating calls), a training step of
-    criss-cross attention took 20.4 against 22.4 ms for it, and one of ISA, with its
-    grouping, 51.7 against 59.6 ms.
+    batch of one (ISA trains on its groups as one, see ``_Layout.group``).
+    ``fused=False`` calls each layer.  On the 2-core CPU where it was measured
+    (2×128×45×60, freed memory kept, the fastest of 50–130 alternating calls), a
+    training step of criss-cross attention took 20.4 against 22.4 ms for it, and one of
+    ISA, with its grouping, 51.7 against 59.6 ms.
     """
     units = [_pointwise_unit(layer) for layer in layers]
     if not fused:
