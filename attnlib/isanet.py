@@ -252,7 +252,9 @@ class InterlacedSparseAttention(nn.Module):
         out_channels: width of the output (an attribute, read by the heads).
         down_factor: :math:`(d_h, d_w)`, or one int for both: the block size (paper: 8×8).  Each
             long-range group is the map subsampled by this factor, hence the name.
-        fused: compute the attentions with ``scaled_dot_product_attention`` when no weights are asked for.
+        fused: compute the attentions with ``scaled_dot_product_attention`` when no weights are asked for,
+            and the projections as stacked convolutions, with the BatchNorms folded in eval mode
+            (:func:`attnlib.core.project`).
         pad_mode: on a size not divisible by ``down_factor``, ``"mask"`` hides the padded positions
             as keys (the default); ``"zeros"`` lets them take part, as openseg's ``ISA_Block`` and
             mmseg's ``ISAHead`` do.  The two agree on divisible sizes.
