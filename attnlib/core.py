@@ -89,6 +89,7 @@ convolutions; on the fast setting :func:`project` runs them as one convolution.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -501,9 +502,15 @@ def _uses_running_statistics(norm: nn.BatchNorm2d) -> bool:
     return not norm.training and norm.running_mean is not None
 
 
-def _pointwise_unit(layer: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None, bool]:
+def _modules(layer) -> list[nn.Module]:
+    # a module (a Sequential: its modules), or modules applied in turn
+    single = isinstance(layer, nn.Module) and not isinstance(layer, nn.Sequential)
+    return [layer] if single else list(layer)
+
+
+def _pointwise_unit(layer) -> tuple[nn.Conv2d, nn.BatchNorm2d | None, bool]:
     """``layer`` as (1×1 convolution, BatchNorm or None, whether a ReLU follows)."""
-    parts = list(layer) if isinstance(layer, nn.Sequential) else [layer]
+    parts = _modules(layer)
     conv = parts.pop(0) if parts else None
     norm = parts.pop(0) if parts and isinstance(parts[0], nn.BatchNorm2d) else None
     relu = bool(parts) and isinstance(parts[0], nn.ReLU)
@@ -515,26 +522,26 @@ def _pointwise_unit(layer: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None,
     return conv, norm, relu
 
 
-def project(x: torch.Tensor, layers: tuple[nn.Module, ...], *,
-            fused: bool) -> tuple[torch.Tensor, ...]:
+def project(x: torch.Tensor, layers: tuple, *, fused: bool) -> tuple[torch.Tensor, ...]:
     """``tuple(layer(x) for layer in layers)``: several 1×1 projections of one map.
 
     Most blocks project one map into queries, keys and values.  A layer is a 1×1
-    ``nn.Conv2d``, alone or in an ``nn.Sequential`` with a ``BatchNorm2d`` and/or a
-    ``ReLU`` after it.  ``fused=True`` runs the convolutions as one, with their weights
-    stacked: one pass over ``x`` and one product where there were several, and in a
-    training step one gradient for ``x`` instead of a sum of several.  A BatchNorm in
-    eval mode is folded into its convolution (:func:`fold_batch_norm`), which saves it
-    a pass over the map.  The outputs are channel slices of one map, contiguous for a
-    batch of one (ISA trains on its groups as one, see ``_Layout.group``).
-    ``fused=False`` calls each layer.  On the 2-core CPU where it was measured
-    (2×128×45×60, freed memory kept, the fastest of 50–130 alternating calls), a
-    training step of criss-cross attention took 20.4 against 22.4 ms for it, and one of
-    ISA, with its grouping, 51.7 against 59.6 ms.
+    ``nn.Conv2d``, alone or with a ``BatchNorm2d`` and/or a ``ReLU`` after it, in an
+    ``nn.Sequential`` or a list of modules applied in turn.  ``fused=True`` runs the
+    convolutions as one, with their weights stacked: one pass over ``x`` and one product
+    where there were several, and in a training step one gradient for ``x`` instead of a
+    sum of several.  A BatchNorm in eval mode is folded into its convolution
+    (:func:`fold_batch_norm`), which saves it a pass over the map.  The outputs are
+    channel slices of one map, contiguous for a batch of one (ISA trains on its groups
+    as one, see ``_Layout.group``).  ``fused=False`` calls each layer.  On the 2-core
+    CPU where it was measured (2×128×45×60, freed memory kept, the fastest of 50–130
+    alternating calls), a training step of criss-cross attention took 20.4 against
+    22.4 ms for it, and one of ISA, with its grouping, 51.7 against 59.6 ms.
     """
     units = [_pointwise_unit(layer) for layer in layers]
     if not fused:
-        return tuple(layer(x) for layer in layers)
+        return tuple(functools.reduce(lambda y, m: m(y), _modules(layer), x)
+                     for layer in layers)
     weights, biases = zip(*(fold_batch_norm(conv, norm) for conv, norm, _ in units))
     if any(b is not None for b in biases):  # a layer without a bias adds zeros
         biases = [w.new_zeros(len(w)) if b is None else b

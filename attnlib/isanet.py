@@ -225,10 +225,10 @@ class SelfAttentionBlock(nn.Module):
         groups = layout.group(x, kind, channels_first=self.training)
         # θ, φ, g on the groups: their first layers all read the groups (one stacked
         # convolution when fused, BatchNorms folded in eval mode: attnlib.core.project)
-        first = (self.query[:3], self.key[:3], self.value)
-        q, k, v = project(groups, first, fused=fused)
+        theta, phi = list(self.query), list(self.key)  # modules, not new Sequentials
+        q, k, v = project(groups, (theta[:3], phi[:3], self.value), fused=fused)
         (q,), (k,) = (project(t, (f[3:],), fused=fused)
-                      for t, f in ((q, self.query), (k, self.key)))
+                      for t, f in ((q, theta), (k, phi)))
         # each as (B·groups)×S×width: S tokens per group
         q, k, v = (t[0].permute(1, 2, 0) if self.training else t.flatten(2).mT
                    for t in (q, k, v))

@@ -576,6 +576,16 @@ def test_folded_batch_norm_is_the_affine_map_it_replaces():
     assert fold_batch_norm(conv, None) == (conv.weight, conv.bias)
 
 
+def test_a_unit_may_be_a_list_of_modules():
+    unit = _conv_bn_relu_units()[0].eval()
+    x = torch.randn(1, 6, 4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        for fused in (False, True):
+            (listed,), (sequential,) = project(x, (list(unit),), fused=fused), project(x, (unit,), fused=fused)
+            torch.testing.assert_close(listed, sequential, rtol=0, atol=1e-14)
+            torch.testing.assert_close(listed, unit(x), rtol=0, atol=1e-14)
+
+
 @pytest.mark.parametrize("layers, pattern", [
     ((nn.Conv2d(4, 2, 3), nn.Conv2d(4, 2, 1)), "1×1"),
     ((nn.Conv2d(4, 2, 1, stride=2), nn.Conv2d(4, 2, 1)), "1×1"),
