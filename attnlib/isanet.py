@@ -86,15 +86,14 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
     return [nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
 
 
-# The padded map, viewed as (B, C, g_h, d_h, g_w, d_w), is permuted so that the groups come
-# first, then the channels, then the position inside the group:
-#   long range  -> (B, d_h, d_w | C | g_h, g_w): one group per offset, one position from every block;
-#   short range -> (B, g_h, g_w | C | d_h, d_w): one group per block, its d_h·d_w positions.
-# The attention returns its context in this order too; the inverses put it back into the map.
-_GROUP_FIRST = {"long": (0, 3, 5, 1, 2, 4), "short": (0, 2, 4, 1, 3, 5)}
-# In training the channels come first instead: (C | B, d_h, d_w | g_h, g_w), (C | B, g_h, g_w | d_h, d_w).
-_CHANNELS_FIRST = (3, 0, 1, 2, 4, 5)  # applied after _GROUP_FIRST
-_UNGROUP = {kind: tuple(perm.index(axis) for axis in range(6)) for kind, perm in _GROUP_FIRST.items()}
+# The padded map as tokens, channels last, viewed as blocks (B, g_h, d_h, g_w, d_w, C)
+# (_Layout.blocks), is permuted so that the groups come first, then the positions inside a
+# group, then the channels:
+#   long range  -> (B, d_h, d_w | g_h, g_w | C): one group per offset, one position from every block;
+#   short range -> (B, g_h, g_w | d_h, d_w | C): one group per block, its d_h·d_w positions.
+# The attention returns its context in this order too; the inverses put it back into blocks.
+_GROUP = {"long": (0, 2, 4, 1, 3, 5), "short": (0, 1, 3, 2, 4, 5)}
+_UNGROUP = {kind: tuple(perm.index(axis) for axis in range(6)) for kind, perm in _GROUP.items()}
 
 
 @dataclass(frozen=True)
@@ -136,42 +135,56 @@ class _Layout:
         top, left = self.offset
         return x[..., top:top + self.height, left:left + self.width]
 
-    def group(self, x: torch.Tensor, kind: str, *,
-              channels_first: bool = True) -> torch.Tensor:
-        """B×C×H_p×W_p → one group per row: (B·groups)×C×S×1, or 1×C×(B·groups)×S.
-
-        ``kind`` is ``"long"`` or ``"short"``; S is the positions per group.  Groups
-        first, each group's channels are one block, which the products of the attention
-        read best (inference).  ``channels_first`` makes the groups the rows of one map,
-        each channel one contiguous plane: the channels of a stacked projection
-        (:func:`attnlib.core.project`) are then contiguous slices, which BatchNorm's
-        batch statistics and their gradients read best (training).  Either way, the 1×1
-        convolutions and BatchNorm run on the groups as they would on the padded map.
-        """
+    def blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """B×C×H×W → the zero-padded map as tokens, B×g_h×d_h×g_w×d_w×C: one copy."""
         (gh, gw), (dh, dw) = self.grid, self.block
         b, c = x.shape[:2]
-        grouped = x.reshape(b, c, gh, dh, gw, dw).permute(_GROUP_FIRST[kind])
+        shape = (b, *self.padded, c)
+        tokens = x.new_zeros(shape) if self.needs_padding else x.new_empty(shape)
+        top, left = self.offset
+        tokens[:, top:top + self.height, left:left + self.width] = x.permute(0, 2, 3, 1)
+        return tokens.view(b, gh, dh, gw, dw, c)
+
+    def to_map(self, blocks: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`blocks`: tokens → the real positions, B×C×H×W, in the
+        layout of ``like`` (channels last or contiguous), as a convolution's would be."""
+        b, c = blocks.shape[0], blocks.shape[-1]
+        tokens = blocks.reshape(b, *self.padded, c).permute(0, 3, 1, 2)
+        channels_last = (like.is_contiguous(memory_format=torch.channels_last)
+                         and not like.is_contiguous())
+        return self.crop(tokens).contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    def group(self, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+        """Blocks (:meth:`blocks`) → one group per row, (B·groups)×C×S×1: one copy.
+
+        ``kind`` is ``"long"`` or ``"short"``; S is the positions per group.  The map
+        is channels last: in memory each group's S tokens follow one another, C
+        channels each.  The 1×1 convolutions and BatchNorm run on the groups as they
+        would on the padded map, the attention reads each group's queries, keys and
+        values as rows, and the next step regroups whole tokens.
+        """
+        b, c = blocks.shape[0], blocks.shape[-1]
         rows = b * self.groups(kind)
-        if channels_first:
-            return grouped.permute(_CHANNELS_FIRST).reshape(1, c, rows, -1)
-        return grouped.reshape(rows, c, -1, 1)
+        tokens = blocks.permute(_GROUP[kind]).reshape(rows, -1, c).contiguous()
+        return tokens.unsqueeze(2).permute(0, 3, 1, 2)  # a view, channels last
 
     def ungroup(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """(B·groups)×C×positions×1 → B×C×H_p×W_p: the groups back into the map.
-
-        The inverse of :meth:`group`, but from the layout in which the attention core
-        returns a context, group first (see :meth:`SelfAttentionBlock.forward`): the
-        output projection runs there, and this is the one copy that follows it.
-        """
+        """(B·groups)×C×S×1 → blocks: the inverse of :meth:`group`, a view where it can."""
         (gh, gw), (dh, dw) = self.grid, self.block
-        batch, c = x.shape[0] // self.groups(kind), x.shape[1]
-        shape = (dh, dw, c, gh, gw) if kind == "long" else (gh, gw, c, dh, dw)
-        return x.reshape(batch, *shape).permute(_UNGROUP[kind]).reshape(batch, c, *self.padded)
+        order = (dh, dw, gh, gw) if kind == "long" else (gh, gw, dh, dw)
+        tokens = x.squeeze(3).mT  # (B·groups)×S×C
+        return tokens.reshape(-1, *order, x.shape[1]).permute(_UNGROUP[kind])
+
+    def grouped(self, plane: torch.Tensor, kind: str) -> torch.Tensor:
+        """An H_p×W_p plane over the padded map (positions, a mask) → groups×S."""
+        (gh, gw), (dh, dw) = self.grid, self.block
+        return self.group(plane.reshape(1, gh, dh, gw, dw, 1), kind)[:, 0, :, 0]
 
     def index(self, kind: str, device: torch.device) -> torch.Tensor:
         """groups×positions: the row-major index in the padded map of each grouped position."""
         positions = torch.arange(self.padded[0] * self.padded[1], device=device)
-        return self.group(positions.reshape(1, 1, *self.padded), kind)[0, 0]
+        return self.grouped(positions.reshape(self.padded), kind)
 
     def key_mask(self, kind: str, batch: int,
                  device: torch.device) -> torch.Tensor | None:
@@ -182,10 +195,10 @@ class _Layout:
         """
         if not self.needs_padding:
             return None
-        real = torch.zeros(1, 1, *self.padded, dtype=torch.bool, device=device)
+        real = torch.zeros(self.padded, dtype=torch.bool, device=device)
         top, left = self.offset
-        real[..., top:top + self.height, left:left + self.width] = True
-        keys = self.group(real, kind)[0, 0]  # groups×positions
+        real[top:top + self.height, left:left + self.width] = True
+        keys = self.grouped(real, kind)  # groups×positions
         keys = keys | ~keys.any(dim=1, keepdim=True)
         return keys[:, None, :].repeat(batch, 1, 1)
 
@@ -216,27 +229,26 @@ class SelfAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: _Layout, kind: str, *, fused: bool,
                 need_weights: bool, mask_padding: bool = True):
-        """x: B×C×H_p×W_p (padded).  Returns ρ(context), B×out×H_p×W_p, and the weights,
+        """x: the padded map as blocks of tokens, B×g_h×d_h×g_w×d_w×C
+        (``_Layout.blocks``).  Returns ρ(context) as blocks, and the weights,
         B×groups×S×S, or None.
 
         ``mask_padding=False`` lets padded positions be keys, as the official code does.
         """
-        # (B·groups)×C×S×1, or in training 1×C×(B·groups)×S (see _Layout.group)
-        groups = layout.group(x, kind, channels_first=self.training)
+        groups = layout.group(x, kind)  # (B·groups)×C×S×1, channels last
         # θ, φ, g on the groups: their first layers all read the groups (one stacked
         # convolution when fused, BatchNorms folded in eval mode: attnlib.core.project)
         theta, phi = list(self.query), list(self.key)  # modules, not new Sequentials
         q, k, v = project(groups, (theta[:3], phi[:3], self.value), fused=fused)
         (q,), (k,) = (project(t, (f[3:],), fused=fused)
                       for t, f in ((q, theta), (k, phi)))
-        # each as (B·groups)×S×width: S tokens per group
-        q, k, v = (t[0].permute(1, 2, 0) if self.training else t.flatten(2).mT
-                   for t in (q, k, v))
+        q, k, v = (t.flatten(2).mT for t in (q, k, v))  # (B·groups)×S×width, views
         mask = layout.key_mask(kind, x.shape[0], x.device) if mask_padding else None
         context, weights = attend(q, k, v, scale=self.key_channels ** -0.5, mask=mask,
                                   need_weights=need_weights, fused=fused)
-        # ρ on (B·groups)×d_v×S×1
-        (out,) = project(context.mT.unsqueeze(-1), (self.out,), fused=fused)
+        # ρ on the context as (B·groups)×d_v×S×1, channels last: a view
+        context = context.unsqueeze(2).permute(0, 3, 1, 2)
+        (out,) = project(context, (self.out,), fused=fused)
         if weights is not None:
             weights = weights.reshape(x.shape[0], -1, *weights.shape[-2:])
         return layout.ungroup(out, kind), weights
@@ -281,9 +293,9 @@ class InterlacedSparseAttention(nn.Module):
         layout = _Layout.of(h, w, self.down_factor)
         options = {"fused": self.fused, "need_weights": need_weights,
                    "mask_padding": self.pad_mode == "mask"}
-        y, long_weights = self.long_range(layout.pad(x), layout, "long", **options)
+        y, long_weights = self.long_range(layout.blocks(x), layout, "long", **options)
         z, short_weights = self.short_range(y, layout, "short", **options)
-        return layout.crop(z), layout, (long_weights, short_weights)
+        return layout.to_map(z, like=x), layout, (long_weights, short_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x, need_weights=False)[0]

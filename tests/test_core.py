@@ -552,12 +552,36 @@ class _Calls(torch.overrides.TorchFunctionMode):
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_stacked_projections_fold_batch_norm_only_in_eval_mode(train):
+def test_stacked_projections_fold_batch_norm_in_eval_mode_and_run_one_by_one_in_training(train):
     units = [unit.train(train) for unit in _conv_bn_relu_units()]
     with torch.no_grad(), _Calls() as calls:
         project(torch.randn(1, 6, 4, 3, dtype=torch.float64), units, fused=True)
-    assert calls.names.count("conv2d") == 1
+    assert calls.names.count("conv2d") == (len(units) if train else 1)
     assert calls.names.count("batch_norm") == (2 if train else 0)
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_stacked_projections_gradient_is_one_concatenation():
+    """The slices' gradients come back as one concatenation, not one zero-filled map per
+    slice summed; a single unit keeps the map itself, and its ReLU runs in place."""
+    units = [unit.eval() for unit in _conv_bn_relu_units()]
+    x = torch.randn(2, 6, 4, 3, dtype=torch.float64, requires_grad=True)
+    outputs = project(x, units, fused=True)
+    with _Ops() as ops:
+        sum(out.sum() for out in outputs).backward()
+    assert "slice_backward" not in " ".join(ops.names)
+    assert sum(name.startswith("cat") for name in ops.names) == 1
+    (single,) = project(x, (units[3],), fused=True)  # conv-ReLU
+    assert not single._is_view() and single._version == 1  # the ReLU overwrote the map
 
 
 def test_folded_batch_norm_is_the_affine_map_it_replaces():

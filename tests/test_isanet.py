@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import attnlib
 from attnlib.core import attend
-from attnlib.isanet import InterlacedSparseAttention, interlaced_sparse_attention_memory, interlaced_sparse_flops
+from attnlib.isanet import InterlacedSparseAttention, _Layout, interlaced_sparse_attention_memory, interlaced_sparse_flops
 from conftest import randomize_
 
 C, KEY, VALUE, OUT = 6, 4, 5, 7
@@ -165,6 +165,39 @@ def test_every_size_from_1_to_10_works(train, fused):
                     amap = block.attention_map(x, (h - 1, w // 2))
                     assert torch.isfinite(amap).all() and (amap >= 0).all(), (h, w)
                     torch.testing.assert_close(amap.sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+@pytest.mark.parametrize("h,w", [(4, 6), (5, 7)], ids=["divisible", "padded"])
+def test_output_takes_the_input_layout(h, w, grad, fused):
+    """The steps run on tokens, channels last; the output comes back in x's layout, contiguous
+    or channels last, as a convolution's would, with the same values."""
+    block = attnlib.set_fused(random_isa(), fused)
+    x = torch.randn(2, C, h, w, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        out = block(x)
+        out_last = block(x.contiguous(memory_format=torch.channels_last))
+    assert out.is_contiguous()
+    assert out_last.is_contiguous(memory_format=torch.channels_last) and not out_last.is_contiguous()
+    torch.testing.assert_close(out_last, out, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["long", "short"])
+def test_grouping_is_a_permutation_of_the_padded_tokens(kind):
+    """group and ungroup invert each other; group's rows are index's groups of positions;
+    blocks and to_map pad and crop with zeros."""
+    layout = _Layout.of(5, 7, (2, 3))
+    x = torch.randn(2, C, 5, 7, dtype=torch.float64)
+    blocks = layout.blocks(x)
+    groups = layout.group(blocks, kind)  # (B·groups)×C×S×1
+    assert groups.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(layout.ungroup(groups, kind), blocks, rtol=0, atol=0)
+    torch.testing.assert_close(layout.to_map(layout.ungroup(groups, kind), like=x), x, rtol=0, atol=0)
+    padded = layout.pad(x).flatten(2)  # B×C×N_p
+    index = layout.index(kind, x.device)  # groups×S
+    expected = padded[:, :, index].permute(0, 2, 1, 3).reshape(groups.shape[:3])
+    torch.testing.assert_close(groups[..., 0], expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bad", [0, -1, (2, 0), (0, 2), 1.5, (2.0, 2), (2,), (2, 2, 2), True, "8"])
