@@ -149,6 +149,9 @@ class _Layout:
         """The inverse of :meth:`blocks`: tokens → the real positions, B×C×H×W, in the
         layout of ``like`` (channels last or contiguous), as a convolution's would be."""
         b, c = blocks.shape[0], blocks.shape[-1]
+        # whole tokens into the map's order first (a copy after the short-range step),
+        # then the crop in like's layout: a transpose, or for channels last no copy
+        # unless there is padding to crop
         tokens = blocks.reshape(b, *self.padded, c).permute(0, 3, 1, 2)
         channels_last = (like.is_contiguous(memory_format=torch.channels_last)
                          and not like.is_contiguous())

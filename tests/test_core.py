@@ -561,6 +561,7 @@ def test_stacked_projections_fold_batch_norm_in_eval_mode_and_run_one_by_one_in_
 
 
 class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    # aten calls, backward included (autograd's engine bypasses TorchFunctionMode)
     def __init__(self):
         super().__init__()
         self.names = []
